@@ -1,0 +1,21 @@
+"""Foundation checks: the package imports and the Hydra entry point composes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import convnn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_convnn_has_version() -> None:
+    assert isinstance(convnn.__version__, str) and convnn.__version__.count(".") == 2
+
+
+def test_main_help_lists_config_groups() -> None:
+    out = subprocess.run(
+        [sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "== Configuration groups ==" in out
+    assert "dataset: " in out
