@@ -367,9 +367,7 @@ def aggregate_neighbors(
     """
     _check_btd("values", values)
     if idx.dim() != 3 or idx.shape[0] != values.shape[0]:
-        raise ValueError(
-            f"idx must be (B, Nq, K) with B={values.shape[0]}, got {tuple(idx.shape)}"
-        )
+        raise ValueError(f"idx must be (B, Nq, K) with B={values.shape[0]}, got {tuple(idx.shape)}")
     k = idx.shape[2]
     if weight.dim() != 3 or weight.shape[1] != values.shape[2] or weight.shape[2] != k:
         raise ValueError(
