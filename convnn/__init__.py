@@ -1,6 +1,13 @@
 """ConvNN: convolutional nearest-neighbour layers for PyTorch."""
 
 from convnn import functional
+from convnn.attention import (
+    Conv1d_NN_Attn,
+    Conv1dNNAttention,
+    Conv2d_NN_Attn,
+    Conv2dNNAttention,
+    ConvNNAttention,
+)
 from convnn.branching import Branching
 from convnn.layers import (
     AGGREGATION_TYPES,
@@ -26,9 +33,14 @@ __all__ = [
     "Branching",
     "CandidateSampler",
     "Conv1dNN",
+    "Conv1dNNAttention",
     "Conv1d_NN",
+    "Conv1d_NN_Attn",
     "Conv2dNN",
+    "Conv2dNNAttention",
     "Conv2d_NN",
+    "Conv2d_NN_Attn",
+    "ConvNNAttention",
     "ConvNNBase",
     "PixelShuffle1d",
     "PixelUnshuffle1d",
