@@ -113,12 +113,12 @@ class _ConvNNAttentionBase(ConvNNBase):
         self.coordinate_encoding = coordinate_encoding
         d = self.spatial_dims
         # coordinate_encoding: q/k/v also see the coordinate channels (the base then builds them).
-        self.add_search_coords = coordinate_encoding and self.similarity_type == "Col"
-        self.add_value_coords = coordinate_encoding and self.aggregation_type == "Col"
+        self._add_search_coords = coordinate_encoding and self.similarity_type == "Col"
+        self._add_value_coords = coordinate_encoding and self.aggregation_type == "Col"
         self.use_coords = self.use_coords or coordinate_encoding
         search_channels = {"Col": c, "Loc": d, "Loc_Col": c + d}[self.similarity_type]
-        search_channels += d if self.add_search_coords else 0
-        value_channels = self.value_channels + (d if self.add_value_coords else 0)
+        search_channels += d if self._add_search_coords else 0
+        value_channels = self.value_channels + (d if self._add_value_coords else 0)
 
         o = self.mix_out_channels
         self.q_proj = nn.Linear(search_channels, c, bias=False)
@@ -154,9 +154,9 @@ class _ConvNNAttentionBase(ConvNNBase):
         output projection. Returns (B, Nq, O')."""
         h, mt = self.num_heads, self.magnitude_type
         search, values = tokens.search, tokens.values
-        if self.add_search_coords:
+        if self._add_search_coords:
             search = torch.cat([search, tokens.coords], dim=-1)
-        if self.add_value_coords:
+        if self._add_value_coords:
             values = torch.cat([values, tokens.coords], dim=-1)
         qpos = tokens.query_positions
         queries = search if search.shape[1] == qpos.numel() else search.index_select(1, qpos)

@@ -247,6 +247,17 @@ def test_all_mode_does_not_force_self() -> None:
     torch.testing.assert_close(layer(x).transpose(1, 2), dense_reference(layer, tokens))
 
 
+def test_sampling_with_enough_samples_is_pure_top_k() -> None:
+    """M >= N behaves like `all`: self is not forced, the K best keys are taken as they are."""
+    torch.manual_seed(14)
+    kwargs = {"K": 3, "magnitude_type": "matmul", "num_heads": 2}
+    dense = ConvNNAttention(6, **kwargs)
+    sampled = ConvNNAttention(6, sampling_type="random", num_samples=50, **kwargs)
+    sampled.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 9, 6)
+    torch.testing.assert_close(sampled(x), dense(x))
+
+
 def test_eval_sampling_is_reproducible() -> None:
     torch.manual_seed(7)
     layer = Conv1dNNAttention(4, 4, K=3, sampling_type="random", num_samples=4).eval()
@@ -307,6 +318,7 @@ def test_padding_shuffle_and_coordinates_run() -> None:
         {"shuffle_pattern": "BA", "shuffle_scale": 2},
         {"coordinate_encoding": True},
         {"similarity_type": "Loc_Col", "aggregation_type": "Loc_Col"},
+        {"similarity_type": "Loc", "magnitude_type": "euclidean"},
         {"sampling_type": "spatial", "num_samples": 3, "padding": 1},
     ):
         layer = Conv2dNNAttention(4, 8, K=4, num_heads=2, **kwargs)
