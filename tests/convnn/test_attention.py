@@ -283,6 +283,17 @@ def test_gradcheck(convolution_type: str) -> None:
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize(("magnitude_type", "softmax"), [("cosine", True), ("euclidean", False)])
+def test_gradcheck_input_for_other_metrics(magnitude_type: str, softmax: bool) -> None:
+    torch.manual_seed(15)
+    layer = Conv1dNNAttention(
+        4, 2, K=2, magnitude_type=magnitude_type, softmax_topk_val=softmax, num_heads=2
+    ).double()
+    _randomise(layer, seed=15)
+    x = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
 def test_gradients_reach_all_parameters_and_dropout_applies() -> None:
     torch.manual_seed(9)
     layer = Conv2dNNAttention(4, 4, K=3, attention_dropout=0.5, convolution_type="standard")
