@@ -77,10 +77,16 @@ def _check_attention_args(
 class _ConvNNAttentionBase(ConvNNBase):
     """ConvNN-Attention on the shared ConvNN pipeline; only :meth:`mix` differs from ConvNN.
 
-    Channel sizes (C = ``token_channels``, O' = ``mix_out_channels``): q/k project the search
-    features to C, v projects the aggregated values to C; the filter maps C → O'
-    (``standard``), C → C (``depthwise``) or C → C → O' (``depthwise-separable``); the output
-    projection maps the filter's channels to O'.
+    Channel sizes (C = ``token_channels``, O' = ``mix_out_channels``): ``q_proj``/``k_proj``
+    (``nn.Linear``, no bias) project the search features to C, ``v_proj`` the aggregated values
+    to C. Heads split C into ``num_heads`` groups of C/h channels (head j owns channels
+    j·C/h … (j+1)·C/h − 1) that search and gate independently. The filter, in ``nn.Conv1d``
+    layout, is ``weight`` (O', C, K) + ``bias`` for ``standard``; ``weight`` (C, 1, K) (groups=C,
+    no bias) for ``depthwise``; the same then ``pointwise_weight`` (O', C, 1) +
+    ``pointwise_bias`` for ``depthwise-separable``. ``out_proj`` (``nn.Linear`` with bias) maps
+    the filter's channels to O'. ``coordinate_encoding`` appends the coordinate channels to the
+    q/k inputs (unless ``similarity_type`` already has them) and to the v input (unless
+    ``aggregation_type="Loc_Col"`` already has them).
     """
 
     def __init__(
