@@ -21,7 +21,7 @@ from convnn.layers import (
     TokenMap,
 )
 from convnn.sampling import SAMPLING_TYPES, CandidateSampler
-from convnn.shuffle import PixelShuffle1d, PixelUnshuffle1d
+from convnn.shuffle import PixelShuffle1d, PixelUnshuffle1d, pixel_shuffle_1d, pixel_unshuffle_1d
 
 __version__ = "0.1.0"
 
@@ -47,4 +47,6 @@ __all__ = [
     "TokenMap",
     "__version__",
     "functional",
+    "pixel_shuffle_1d",
+    "pixel_unshuffle_1d",
 ]

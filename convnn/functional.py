@@ -226,8 +226,8 @@ def knn_search(
         if K == 1:
             return out
     with torch.autocast(device_type=device.type, enabled=False):
-        qp = _prepare(queries, mt)
         kp = _prepare(keys, mt)
+        qp = kp if queries is keys else _prepare(queries, mt)
         if candidates is not None:
             kp = kp[:, candidates]
         bb, qb = _search_blocks(b, nq, m, budget)
@@ -290,16 +290,18 @@ class _Aggregate(torch.autograd.Function):
         w2 = weight.to(values.dtype).permute(2, 1, 0).reshape(k * c, o)  # [k·C + c, o]
         qb = _agg_block(b, k, c, o, values.element_size(), budget)
         src = values.reshape(b * nk, c)
-        out = values.new_empty(b, nq, o)
+        # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
+        out = values.new_empty(b, o, nq)
         for q0 in range(0, nq, qb):
             blk = idx[:, q0 : q0 + qb]
             g = src.index_select(0, _flat_index(blk, nk)).view(b, blk.shape[1], k, c)
             if gates is not None:
                 g = g * gates[:, q0 : q0 + qb].to(g.dtype).unsqueeze(-1)
             res = g.view(-1, k * c) @ w2
-            out[:, q0 : q0 + qb] = res.view(b, -1, o)
+            out[:, :, q0 : q0 + qb] = res.view(b, -1, o).transpose(1, 2)
         if bias is not None:
-            out += bias.to(out.dtype)
+            out += bias.to(out.dtype).view(1, o, 1)
+        out = out.transpose(1, 2)
         ctx.save_for_backward(values, idx, weight, gates)
         ctx.has_bias = bias is not None
         ctx.budget = budget
@@ -313,7 +315,7 @@ class _Aggregate(torch.autograd.Function):
         _, nq, k = idx.shape
         o = weight.shape[0]
         need_v, _, need_w, need_b, need_g, _ = ctx.needs_input_grad
-        grad_out = grad_out.to(values.dtype).contiguous()
+        grad_out = grad_out.to(values.dtype)
         w2 = weight.to(values.dtype).permute(2, 1, 0).reshape(k * c, o)
         src = values.reshape(b * nk, c)
         grad_v = torch.zeros_like(src) if need_v else None

@@ -22,7 +22,7 @@ from convnn.functional import (
     knn_search,
 )
 from convnn.sampling import CandidateSampler
-from convnn.shuffle import PixelShuffle1d, PixelUnshuffle1d, check_scale
+from convnn.shuffle import check_scale, pixel_shuffle_1d, pixel_unshuffle_1d
 
 __all__ = [
     "AGGREGATION_TYPES",
@@ -139,12 +139,6 @@ class ConvNNBase(nn.Module):
         self.use_coords = self.similarity_type != "Col" or self.aggregation_type == "Loc_Col"
         self.value_channels = self.token_channels + (d if self.aggregation_type == "Loc_Col" else 0)
         self.mix_out_channels = out_channels * (s**d if self.shuffle_after else 1)
-        if d == 1:
-            self._unshuffle: nn.Module = PixelUnshuffle1d(s)
-            self._shuffle: nn.Module = PixelShuffle1d(s)
-        else:
-            self._unshuffle = nn.PixelUnshuffle(s)
-            self._shuffle = nn.PixelShuffle(s)
 
     # -------------------------------------------------------------------------------- API
     @property
@@ -199,12 +193,14 @@ class ConvNNBase(nn.Module):
             )
         if self.unshuffle_before:
             self._check_divisible(tuple(x.shape[2:]))
-            x = self._unshuffle(x)
+            s = self.shuffle_scale
+            x = pixel_unshuffle_1d(x, s) if d == 1 else F.pixel_unshuffle(x, s)
         tokens = self.prepare_tokens(x)
         out = self.mix(tokens)  # (B, Nq, O')
         out = out.transpose(1, 2).reshape(x.shape[0], self.mix_out_channels, *tokens.shape)
         if self.shuffle_after:
-            out = self._shuffle(out)
+            s = self.shuffle_scale
+            out = pixel_shuffle_1d(out, s) if d == 1 else F.pixel_shuffle(out, s)
         return out
 
     def prepare_tokens(self, x: Tensor) -> TokenMap:

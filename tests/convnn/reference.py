@@ -99,11 +99,11 @@ def reference_forward(layer, x: Tensor, candidates: Tensor | None = None) -> Ten
         idx = dense_knn(st[:, qpos], st, layer.K, layer.magnitude_type, qpos, candidates)
     if layer.similarity_type == "Loc":
         idx = idx.sort(dim=-1).values
-    c, nk = values.shape[1], values.shape[2]
+    c = values.shape[1]
     nq, kk = idx.shape[1], idx.shape[2]
-    expanded = values.unsqueeze(2).expand(b, c, nq, nk)  # the original's K-fold style copy
-    gathered = torch.gather(expanded, 3, idx.unsqueeze(1).expand(b, c, nq, kk))
-    out = F.conv1d(gathered.reshape(b, c, nq * kk), layer.weight, layer.bias, stride=kk)
+    flat_idx = idx.reshape(b, 1, nq * kk).expand(b, c, nq * kk)  # K-fold index, as the original
+    gathered = torch.gather(values, 2, flat_idx)  # (B, C, Nq·K)
+    out = F.conv1d(gathered, layer.weight, layer.bias, stride=kk)
     out = out.reshape(b, -1, *shape)
     if layer.shuffle_pattern in ("A", "BA"):
         if d == 2:
