@@ -68,12 +68,12 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _prepare(x: Tensor, magnitude_type: str) -> Tensor:
+def _prepare(x: Tensor, magnitude_type: str, *, is_query: bool) -> Tensor:
     """Per-token preprocessing shared by the dense and the blocked score computation."""
     x = x.to(_score_dtype(x.dtype))
     if magnitude_type == "cosine":
         return F.normalize(x, dim=-1, eps=_EPS)
-    if magnitude_type == "matmul":
+    if magnitude_type == "matmul" and is_query:
         return x / math.sqrt(x.shape[-1])
     return x
 
@@ -102,7 +102,8 @@ def pairwise_scores(queries: Tensor, keys: Tensor, magnitude_type: str) -> Tenso
     _check_btd("queries", queries)
     _check_btd("keys", keys)
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        return _scores_prepared(_prepare(queries, mt), _prepare(keys, mt), mt)
+        q = _prepare(queries, mt, is_query=True)
+        return _scores_prepared(q, _prepare(keys, mt, is_query=False), mt)
 
 
 def selected_scores(queries: Tensor, keys: Tensor, idx: Tensor, magnitude_type: str) -> Tensor:
@@ -226,8 +227,9 @@ def knn_search(
         if K == 1:
             return out
     with torch.autocast(device_type=device.type, enabled=False):
-        kp = _prepare(keys, mt)
-        qp = kp if queries is keys else _prepare(queries, mt)
+        kp = _prepare(keys, mt, is_query=False)
+        shared = queries is keys and mt != "matmul"
+        qp = kp if shared else _prepare(queries, mt, is_query=True)
         if candidates is not None:
             kp = kp[:, candidates]
         bb, qb = _search_blocks(b, nq, m, budget)
