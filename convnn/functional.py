@@ -69,8 +69,12 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _prepare(x: Tensor, magnitude_type: str, *, is_query: bool) -> Tensor:
-    """Per-token preprocessing shared by the dense and the blocked score computation."""
-    x = x.to(_score_dtype(x.dtype))
+    """Per-token preprocessing shared by the dense and the blocked score computation.
+
+    Contiguous output: one memory layout, hence one matmul kernel and one rounding, however the
+    caller built ``x`` (expanded coordinates, transposed views, ...).
+    """
+    x = x.to(_score_dtype(x.dtype)).contiguous()
     if magnitude_type == "cosine":
         return F.normalize(x, dim=-1, eps=_EPS)
     if magnitude_type == "matmul" and is_query:
@@ -160,6 +164,7 @@ def _search_blocks(batch: int, nq: int, m: int, budget: int) -> tuple[int, int]:
     return max(1, budget // per_query), 1
 
 
+@torch.compiler.disable  # data-dependent blocking and tie repair: run eagerly inside compiled code
 @torch.no_grad()
 def knn_search(
     queries: Tensor,
@@ -353,6 +358,7 @@ class _Aggregate(torch.autograd.Function):
         return grad_values, None, grad_weight, grad_bias, grad_gates, None
 
 
+@torch.compiler.disable  # shape-dependent block loop; the eager kernels are the fast path
 def aggregate_neighbors(
     values: Tensor,
     idx: Tensor,

@@ -49,6 +49,8 @@ def dense_knn(
     scores = scores.masked_fill(~mask, float("-inf"))
     order = torch.argsort(-scores, dim=-1, stable=True)[..., : K - 1]
     selfs = query_positions.view(1, nq, 1).expand(b, nq, 1)
+    # fewer than K-1 other candidates (K-1 == M with self among them): self fills the gap
+    order = torch.where(scores.gather(-1, order) == float("-inf"), selfs, order)
     return torch.cat([selfs, order], dim=-1)
 
 
@@ -90,11 +92,12 @@ def reference_forward(layer, x: Tensor, candidates: Tensor | None = None) -> Ten
     elif layer.similarity_type == "Loc":
         search = coords
     else:
-        std = feats.reshape(b, -1).std(dim=1).view(b, 1, 1)
+        # reduce in token-major order like the library, so tied scores round identically
+        std = feats.transpose(1, 2).reshape(b, -1).std(dim=1).view(b, 1, 1)
         lam = layer.lambda_param
         search = torch.cat([lam * feats / (std + 1e-6), (1 - lam) * coords], dim=1)
     values = feats if layer.aggregation_type == "Col" else torch.cat([feats, coords], dim=1)
-    st = search.transpose(1, 2)
+    st = search.transpose(1, 2).contiguous()  # same memory layout as the library → same rounding
     with torch.no_grad():
         idx = dense_knn(st[:, qpos], st, layer.K, layer.magnitude_type, qpos, candidates)
     if layer.similarity_type == "Loc":

@@ -138,6 +138,17 @@ def test_module_level_memory_budget_is_used(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(calls) == 10
 
 
+def test_self_fills_the_gap_when_candidates_run_out() -> None:
+    """K - 1 == M is allowed; a query whose self is one of the M candidates has only M - 1
+    others, so self also fills the last slot instead of an arbitrary non-candidate."""
+    torch.manual_seed(14)
+    x = torch.randn(1, 6, 2)
+    idx = knn_search(x, x, 3, "euclidean", candidates=torch.tensor([1, 4]))
+    assert idx[0, 1].tolist() == [1, 4, 1]
+    assert idx[0, 4].tolist() == [4, 1, 4]
+    assert sorted(idx[0, 0, 1:].tolist()) == [1, 4]
+
+
 def test_massive_ties_break_towards_lower_index() -> None:
     """1-channel cosine: every score is exactly ±1, so almost everything ties."""
     torch.manual_seed(6)
