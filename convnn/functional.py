@@ -139,6 +139,8 @@ def _ordered_topk(scores: Tensor, k: int) -> Tensor:
     if k == m:
         return torch.sort(scores, dim=-1, descending=True, stable=True).indices
     vals, idx = scores.topk(k + 1, dim=-1, largest=True, sorted=True)
+    if not bool((vals[..., 1:] == vals[..., :-1]).any()):
+        return idx[..., :k]  # strictly decreasing: the set and its order are unique
     boundary = vals[..., k - 1]
     idx = idx[..., :k]
     tie = vals[..., k] == boundary
@@ -156,12 +158,16 @@ def _ordered_topk(scores: Tensor, k: int) -> Tensor:
     return idx.gather(-1, order)
 
 
-def _search_blocks(batch: int, nq: int, m: int, budget: int) -> tuple[int, int]:
-    """(batch block, query block) so that one score block stays within ``budget`` bytes."""
-    per_query = max(1, m * _SEARCH_BYTES_PER_SCORE)
-    if batch * per_query <= budget:
-        return batch, max(1, min(nq, budget // (batch * per_query)))
-    return max(1, budget // per_query), 1
+def _chunks(batch: int, nq: int, per_query: int, budget: int) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, q0, q1) work blocks of at most ``budget`` bytes at ``per_query`` bytes per
+    (sample, query): whole samples when one fits (contiguous slices, few large ops), else
+    query blocks inside one sample."""
+    per_sample = max(1, nq * per_query)
+    if per_sample <= budget:
+        bb = budget // per_sample
+        return [(b0, min(batch, b0 + bb), 0, nq) for b0 in range(0, batch, bb)]
+    qb = max(1, budget // max(1, per_query))
+    return [(b0, b0 + 1, q0, min(nq, q0 + qb)) for b0 in range(batch) for q0 in range(0, nq, qb)]
 
 
 @torch.compiler.disable  # data-dependent blocking and tie repair: run eagerly inside compiled code
@@ -237,25 +243,22 @@ def knn_search(
         qp = kp if shared else _prepare(queries, mt, is_query=True)
         if candidates is not None:
             kp = kp[:, candidates]
-        bb, qb = _search_blocks(b, nq, m, budget)
-        for b0 in range(0, b, bb):
-            k_blk = kp[b0 : b0 + bb]
-            for q0 in range(0, nq, qb):
-                scores = _scores_prepared(qp[b0 : b0 + bb, q0 : q0 + qb], k_blk, mt)
-                if include_self:
-                    self_pos = query_positions[q0 : q0 + qb]
-                    if candidates is None:
-                        rows = torch.arange(self_pos.numel(), device=device)
-                        scores[:, rows, self_pos] = -math.inf
-                    else:
-                        is_self = self_pos.unsqueeze(1) == candidates.unsqueeze(0)
-                        scores.masked_fill_(is_self, -math.inf)
-                    sel = _ordered_topk(scores, K - 1)
-                    dst = out[b0 : b0 + bb, q0 : q0 + qb, 1:]
+        for b0, b1, q0, q1 in _chunks(b, nq, m * _SEARCH_BYTES_PER_SCORE, budget):
+            scores = _scores_prepared(qp[b0:b1, q0:q1], kp[b0:b1], mt)
+            if include_self:
+                self_pos = query_positions[q0:q1]
+                if candidates is None:
+                    rows = torch.arange(q1 - q0, device=device)
+                    scores[:, rows, self_pos] = -math.inf
                 else:
-                    sel = _ordered_topk(scores, K)
-                    dst = out[b0 : b0 + bb, q0 : q0 + qb]
-                dst.copy_(sel if candidates is None else candidates[sel])
+                    is_self = self_pos.unsqueeze(1) == candidates.unsqueeze(0)
+                    scores.masked_fill_(is_self, -math.inf)
+                sel = _ordered_topk(scores, K - 1)
+                dst = out[b0:b1, q0:q1, 1:]
+            else:
+                sel = _ordered_topk(scores, K)
+                dst = out[b0:b1, q0:q1]
+            dst.copy_(sel if candidates is None else candidates[sel])
     return out
 
 
@@ -280,10 +283,18 @@ def gather_neighbors(values: Tensor, idx: Tensor) -> Tensor:
     return flat.view(b, nq, k, c)
 
 
-def _agg_block(b: int, k: int, c: int, o: int, elem: int, budget: int) -> int:
-    """Queries per aggregation block so the gathered block stays within ``budget`` bytes."""
-    per_query = max(1, b * (k * c * _AGG_BYTES_FACTOR + o) * elem)
-    return max(1, budget // per_query)
+def _agg_chunks(values: Tensor, idx: Tensor, o: int, budget: int):
+    """Work blocks for aggregation: the gathered block, its gradient and a gated copy fit."""
+    b, _, c = values.shape
+    _, nq, k = idx.shape
+    per_query = (k * c * _AGG_BYTES_FACTOR + o) * values.element_size()
+    return _chunks(b, nq, per_query, budget)
+
+
+def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
+    """Flat row indices into the (B·Nk, C) view for samples b0:b1 and queries q0:q1."""
+    offs = torch.arange(b0, b1, device=idx.device).mul_(nk).view(-1, 1, 1)
+    return (idx[b0:b1, q0:q1] + offs).reshape(-1)
 
 
 class _Aggregate(torch.autograd.Function):
@@ -295,24 +306,21 @@ class _Aggregate(torch.autograd.Function):
         _, nq, k = idx.shape
         o = weight.shape[0]
         w2 = weight.to(values.dtype).permute(2, 1, 0).reshape(k * c, o)  # [k·C + c, o]
-        qb = _agg_block(b, k, c, o, values.element_size(), budget)
+        b2 = None if bias is None else bias.to(values.dtype)
         src = values.reshape(b * nk, c)
         # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
         out = values.new_empty(b, o, nq)
-        for q0 in range(0, nq, qb):
-            blk = idx[:, q0 : q0 + qb]
-            g = src.index_select(0, _flat_index(blk, nk)).view(b, blk.shape[1], k, c)
+        for b0, b1, q0, q1 in _agg_chunks(values, idx, o, budget):
+            g = src.index_select(0, _block_index(idx, nk, b0, b1, q0, q1)).view(-1, k, c)
             if gates is not None:
-                g = g * gates[:, q0 : q0 + qb].to(g.dtype).unsqueeze(-1)
-            res = g.view(-1, k * c) @ w2
-            out[:, :, q0 : q0 + qb] = res.view(b, -1, o).transpose(1, 2)
-        if bias is not None:
-            out += bias.to(out.dtype).view(1, o, 1)
-        out = out.transpose(1, 2)
+                g.mul_(gates[b0:b1, q0:q1].reshape(-1, k, 1).to(g.dtype))
+            g = g.view(-1, k * c)
+            res = g @ w2 if b2 is None else torch.addmm(b2, g, w2)
+            out[b0:b1, :, q0:q1] = res.view(b1 - b0, q1 - q0, o).transpose(1, 2)
         ctx.save_for_backward(values, idx, weight, gates)
-        ctx.has_bias = bias is not None
         ctx.budget = budget
-        return out
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
@@ -328,32 +336,31 @@ class _Aggregate(torch.autograd.Function):
         grad_v = torch.zeros_like(src) if need_v else None
         grad_w2 = values.new_zeros(k * c, o) if need_w else None
         grad_g = values.new_empty(b, nq, k) if need_g else None
-        qb = _agg_block(b, k, c, o, values.element_size(), ctx.budget)
-        for q0 in range(0, nq, qb):
-            blk = idx[:, q0 : q0 + qb]
-            n = blk.shape[1]
-            flat = _flat_index(blk, nk)
-            go = grad_out[:, q0 : q0 + qb].reshape(-1, o)
-            gate = None if gates is None else gates[:, q0 : q0 + qb].to(values.dtype)
+        for b0, b1, q0, q1 in _agg_chunks(values, idx, o, ctx.budget):
+            flat = _block_index(idx, nk, b0, b1, q0, q1)
+            go = grad_out[b0:b1, q0:q1].reshape(-1, o)
+            gate = None
+            if gates is not None:
+                gate = gates[b0:b1, q0:q1].reshape(-1, k, 1).to(values.dtype)
             gathered = None
             if need_w or need_g:
-                gathered = src.index_select(0, flat).view(b, n, k, c)
+                gathered = src.index_select(0, flat).view(-1, k, c)
             if need_w:
-                x = gathered if gate is None else gathered * gate.unsqueeze(-1)
+                x = gathered if gate is None else gathered * gate
                 grad_w2.addmm_(x.view(-1, k * c).t(), go)
             if need_v or need_g:
-                gx = (go @ w2.t()).view(b, n, k, c)
+                gx = (go @ w2.t()).view(-1, k, c)
                 if need_g:
-                    grad_g[:, q0 : q0 + qb] = (gx * gathered).sum(-1)
+                    grad_g[b0:b1, q0:q1] = (gx * gathered).sum(-1).view(b1 - b0, q1 - q0, k)
                 if need_v:
                     if gate is not None:
-                        gx = gx * gate.unsqueeze(-1)
+                        gx = gx * gate
                     grad_v.index_add_(0, flat, gx.view(-1, c))
         grad_values = grad_v.view(b, nk, c) if need_v else None
         grad_weight = None
         if need_w:
             grad_weight = grad_w2.view(k, c, o).permute(2, 1, 0).to(weight.dtype)
-        grad_bias = grad_out.sum((0, 1)) if need_b else None
+        grad_bias = grad_out.sum((0, 1)).to(ctx.bias_dtype) if need_b else None
         grad_gates = grad_g.to(gates.dtype) if need_g else None
         return grad_values, None, grad_weight, grad_bias, grad_gates, None
 
