@@ -45,7 +45,7 @@ MAGNITUDE_ALIASES: dict[str, str] = {
 
 #: Default working-memory budget (bytes) for one block of search scores or gathered neighbours.
 #: Users may change it (``convnn.functional.MEMORY_BUDGET = 256 * 2**20``); read at call time.
-MEMORY_BUDGET: int = 32 * 2**20
+MEMORY_BUDGET: int = 16 * 2**20
 
 _EPS = 1e-12  # norm floor for cosine: x / max(||x||, eps)
 _SEARCH_BYTES_PER_SCORE = 8  # float32 score + temporaries (topk, masks) per score element
