@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convnn import Conv1d_NN, Conv1dNN, Conv2d_NN, Conv2dNN
+from convnn import Conv1d_NN, Conv1dNN, Conv2d_NN, Conv2dNN, ConvNNBase, TokenMap
 from tests.convnn.reference import reference_forward
 
 METRICS = ("cosine", "euclidean", "matmul")
@@ -389,3 +389,43 @@ def test_all_options_grid_runs() -> None:
             aggregation_type="Loc_Col",
         )
         assert layer(x).shape == (2, 6, 4, 8)
+
+
+def test_tiny_memory_budget_gives_identical_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convnn.functional as cf
+
+    torch.manual_seed(14)
+    layer = Conv2dNN(3, 4, K=7, padding=1, similarity_type="Loc_Col")
+    x = torch.randn(3, 3, 6, 7, requires_grad=True)
+    y = layer(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    monkeypatch.setattr(cf, "MEMORY_BUDGET", 1)  # one query per work block
+    y_small = layer(x)
+    (gx_small,) = torch.autograd.grad(y_small.square().sum(), x)
+    torch.testing.assert_close(y_small, y)
+    torch.testing.assert_close(gx_small, gx)
+
+
+def test_base_extension_point_replaces_only_mix() -> None:
+    """A subclass implementing ``mix`` inherits padding, coordinates, sampling and shuffles."""
+
+    class MeanOfNeighbours(ConvNNBase):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.proj = nn.Linear(self.value_channels, self.mix_out_channels)
+
+        def mix(self, tokens: TokenMap) -> torch.Tensor:
+            idx = self.select_neighbors(tokens)
+            b, nq, k = idx.shape
+            flat = tokens.values.gather(
+                1, idx.reshape(b, nq * k, 1).expand(-1, -1, tokens.values.shape[-1])
+            )
+            return self.proj(flat.view(b, nq, k, -1).mean(2))
+
+    layer = MeanOfNeighbours(
+        3, 4, K=5, padding=1, shuffle_pattern="BA", shuffle_scale=2, aggregation_type="Loc_Col"
+    )
+    assert (layer.token_channels, layer.value_channels, layer.mix_out_channels) == (12, 14, 16)
+    assert layer(torch.randn(2, 3, 6, 8)).shape == (2, 4, 6, 8)
+    with pytest.raises(NotImplementedError, match="must implement mix"):
+        ConvNNBase(3, 4)(torch.randn(1, 3, 4, 4))
