@@ -211,7 +211,8 @@ class ConvNNBase(nn.Module):
         if p:
             x = F.pad(x, (p, p) * self.spatial_dims)
         padded = tuple(x.shape[2:])
-        feats = x.flatten(2).transpose(1, 2)  # (B, Np, C')
+        # channels-last once: shared by the search and the gather (no further copies)
+        feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, Np, C')
         coords = None
         if self.use_coords:
             if self.spatial_dims == 1:
