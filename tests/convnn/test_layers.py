@@ -429,3 +429,20 @@ def test_base_extension_point_replaces_only_mix() -> None:
     assert layer(torch.randn(2, 3, 6, 8)).shape == (2, 4, 6, 8)
     with pytest.raises(NotImplementedError, match="must implement mix"):
         ConvNNBase(3, 4)(torch.randn(1, 3, 4, 4))
+
+
+def test_bf16_autocast_forward_backward() -> None:
+    torch.manual_seed(15)
+    layer = Conv2dNN(3, 4, K=5, padding=1, similarity_type="Loc_Col", aggregation_type="Loc_Col")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad is not None
+    # the search runs in float32: bf16 features pick the neighbours float32 would pick for them
+    col = Conv2dNN(3, 4, K=5, padding=1)
+    xb = torch.randn(2, 3, 6, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = col.select_neighbors(col.prepare_tokens(xb))
+    assert torch.equal(idx, col.select_neighbors(col.prepare_tokens(xb.float())))
