@@ -1,0 +1,61 @@
+"""Branching (SPEC §1.5): two layers in parallel on one input, concatenated, then a 1×1 conv."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Branching"]
+
+LayerBuilder = Callable[[int, int], nn.Module]
+
+
+class Branching(nn.Module):
+    """Runs ``first`` (the ConvNN branch) and ``second`` side by side and fuses them.
+
+    ``first(in_channels, round(branch_ratio · O))`` and ``second(in_channels, O - that)`` build
+    the branches; their outputs are concatenated as [first, second] and mixed by a 1×1 conv
+    (O → O). ``branch_ratio`` 0 builds only ``second``, 1 only ``first``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        first: LayerBuilder,
+        second: LayerBuilder,
+        branch_ratio: float = 0.5,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if (
+            isinstance(branch_ratio, bool)
+            or not isinstance(branch_ratio, (int, float))
+            or not 0.0 <= float(branch_ratio) <= 1.0
+        ):
+            raise ValueError(f"branch_ratio={branch_ratio!r} must be a number in [0, 1]")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.branch_ratio = float(branch_ratio)
+        self.first_channels = round(self.branch_ratio * out_channels)
+        self.second_channels = out_channels - self.first_channels
+        self.first = first(in_channels, self.first_channels) if self.first_channels else None
+        self.second = second(in_channels, self.second_channels) if self.second_channels else None
+        self.pointwise = nn.Conv2d(out_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [branch(x) for branch in (self.first, self.second) if branch is not None]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if y.dim() == 3:
+            return self.pointwise(y.unsqueeze(-1)).squeeze(-1)
+        return self.pointwise(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, branch_ratio={self.branch_ratio}, "
+            f"split=({self.first_channels}, {self.second_channels})"
+        )

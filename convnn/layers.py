@@ -1,0 +1,382 @@
+"""ConvNN layers with hard neighbour selection (SPEC §1): :class:`Conv1dNN`, :class:`Conv2dNN`.
+
+Both are built on :class:`ConvNNBase`, which owns everything that is not the "mix" step
+(argument validation, shuffles, padding, coordinates, search features, candidate sampling,
+reshaping). ConvNN-Attention layers reuse the same base and replace only :meth:`ConvNNBase.mix`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convnn.functional import (
+    aggregate_neighbors,
+    canonical_magnitude,
+    coordinate_grid_1d,
+    coordinate_grid_2d,
+    knn_search,
+)
+from convnn.sampling import CandidateSampler
+from convnn.shuffle import check_scale, pixel_shuffle_1d, pixel_unshuffle_1d
+
+__all__ = [
+    "AGGREGATION_TYPES",
+    "SHUFFLE_PATTERNS",
+    "SIMILARITY_TYPES",
+    "Conv1dNN",
+    "Conv1d_NN",
+    "Conv2dNN",
+    "Conv2d_NN",
+    "ConvNNBase",
+    "TokenMap",
+]
+
+SIMILARITY_TYPES: tuple[str, ...] = ("Col", "Loc", "Loc_Col")
+AGGREGATION_TYPES: tuple[str, ...] = ("Col", "Loc_Col")
+SHUFFLE_PATTERNS: tuple[str, ...] = ("NA", "B", "A", "BA")
+_STD_EPS = 1e-6
+
+
+class TokenMap(NamedTuple):
+    """One call's prepared inputs, handed to :meth:`ConvNNBase.mix` (channels-last).
+
+    ``features`` (B, Np, C') are the padded map's tokens (after unshuffle), ``coords``
+    (B, Np, d) their coordinates or ``None`` when unused, ``search`` (B, Np, Ds) the search
+    features, ``values`` (B, Np, Cv) the features to aggregate, ``query_positions`` (Nq,) the
+    original (unpadded) positions among the Np tokens, ``candidates`` (M,) or ``None`` (all),
+    ``shape`` the unpadded spatial shape after unshuffle.
+    """
+
+    features: Tensor
+    coords: Tensor | None
+    search: Tensor
+    values: Tensor
+    query_positions: Tensor
+    candidates: Tensor | None
+    shape: tuple[int, ...]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    return value
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}")
+    return str(value)
+
+
+class ConvNNBase(nn.Module):
+    """Shared pipeline of ConvNN-style layers over 1-D (B, C, T) or 2-D (B, C, H, W) inputs.
+
+    ``forward``: PixelUnshuffle (pattern B/BA) → zero padding p → coordinate channels → search
+    features (Col / Loc / Loc_Col) and aggregated values (Col / Loc_Col) → :meth:`mix` →
+    outputs at the original positions only → PixelShuffle (pattern A/BA).
+
+    Extension point: a subclass implements ``mix(tokens: TokenMap) -> Tensor`` returning
+    (B, Nq, ``mix_out_channels``) for the queries ``tokens.query_positions`` (raster order of
+    the unpadded map). Everything it needs is in :class:`TokenMap`; :meth:`select_neighbors`
+    is the standard search (self at slot 0, raster re-sort for ``Loc``). Sizes prepared for the
+    subclass: ``token_channels`` (C·s^d with pattern B/BA), ``value_channels`` (+ d coordinate
+    channels with ``aggregation_type="Loc_Col"``), ``mix_out_channels`` (O·s^d with A/BA).
+    The module keeps no per-call state.
+    """
+
+    spatial_dims: int = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        K: int = 9,
+        *,
+        sampling_type: str = "all",
+        num_samples: int = -1,
+        sample_padding: int = 0,
+        magnitude_type: str = "cosine",
+        padding: int = 0,
+        shuffle_pattern: str = "NA",
+        shuffle_scale: int = 1,
+        similarity_type: str = "Col",
+        aggregation_type: str = "Col",
+        lambda_param: float = 0.5,
+        eval_sampling: str = "fixed",
+    ) -> None:
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.sampler = CandidateSampler(sampling_type, num_samples, sample_padding, eval_sampling)
+        self.sampler.check_k(K)
+        self.K = int(K)
+        self.magnitude_type = canonical_magnitude(magnitude_type)
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding={padding!r} must be an integer >= 0")
+        self.padding = padding
+        self.shuffle_pattern = _choice("shuffle_pattern", shuffle_pattern, SHUFFLE_PATTERNS)
+        self.shuffle_scale = check_scale("shuffle_scale", shuffle_scale)
+        self.similarity_type = _choice("similarity_type", similarity_type, SIMILARITY_TYPES)
+        self.aggregation_type = _choice("aggregation_type", aggregation_type, AGGREGATION_TYPES)
+        if (
+            isinstance(lambda_param, bool)
+            or not isinstance(lambda_param, (int, float))
+            or not 0.0 <= float(lambda_param) <= 1.0
+        ):
+            raise ValueError(f"lambda_param={lambda_param!r} must be a number in [0, 1]")
+        self.lambda_param = float(lambda_param)
+
+        d = self.spatial_dims
+        s = self.shuffle_scale
+        self.unshuffle_before = self.shuffle_pattern in ("B", "BA")
+        self.shuffle_after = self.shuffle_pattern in ("A", "BA")
+        self.token_channels = in_channels * (s**d if self.unshuffle_before else 1)
+        self.use_coords = self.similarity_type != "Col" or self.aggregation_type == "Loc_Col"
+        self.value_channels = self.token_channels + (d if self.aggregation_type == "Loc_Col" else 0)
+        self.mix_out_channels = out_channels * (s**d if self.shuffle_after else 1)
+
+    # -------------------------------------------------------------------------------- API
+    @property
+    def sampling_type(self) -> str:
+        return self.sampler.sampling_type
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    @property
+    def sample_padding(self) -> int:
+        return self.sampler.sample_padding
+
+    @property
+    def eval_sampling(self) -> str:
+        return self.sampler.eval_sampling
+
+    def mix(self, tokens: TokenMap) -> Tensor:
+        """Map the prepared tokens to (B, Nq, ``mix_out_channels``); subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement mix()")
+
+    def select_neighbors(self, tokens: TokenMap) -> Tensor:
+        """Standard hard selection (B, Nq, K): self at slot 0, then the K-1 best candidates;
+        with ``similarity_type="Loc"`` the indices are re-sorted into raster order."""
+        search = tokens.search
+        queries = (
+            search
+            if tokens.search.shape[1] == tokens.query_positions.numel()
+            else (search.index_select(1, tokens.query_positions))
+        )
+        idx = knn_search(
+            queries,
+            search,
+            self.K,
+            self.magnitude_type,
+            candidates=tokens.candidates,
+            query_positions=tokens.query_positions,
+            include_self=True,
+        )
+        if self.similarity_type == "Loc":
+            idx = idx.sort(dim=-1).values
+        return idx
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.spatial_dims
+        if x.dim() != d + 2 or x.shape[1] != self.in_channels:
+            layout = "(B, C, T)" if d == 1 else "(B, C, H, W)"
+            raise ValueError(
+                f"{type(self).__name__} expects input {layout} with C={self.in_channels}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.unshuffle_before:
+            self._check_divisible(tuple(x.shape[2:]))
+            s = self.shuffle_scale
+            x = pixel_unshuffle_1d(x, s) if d == 1 else F.pixel_unshuffle(x, s)
+        tokens = self.prepare_tokens(x)
+        out = self.mix(tokens)  # (B, Nq, O')
+        out = out.transpose(1, 2).reshape(x.shape[0], self.mix_out_channels, *tokens.shape)
+        if self.shuffle_after:
+            s = self.shuffle_scale
+            out = pixel_shuffle_1d(out, s) if d == 1 else F.pixel_shuffle(out, s)
+        return out
+
+    def prepare_tokens(self, x: Tensor) -> TokenMap:
+        """Pad, add coordinates and build search features/values of a (B, C', *shape) map."""
+        b = x.shape[0]
+        shape = tuple(x.shape[2:])
+        p = self.padding
+        if p:
+            x = F.pad(x, (p, p) * self.spatial_dims)
+        padded = tuple(x.shape[2:])
+        # channels-last once: shared by the search and the gather (no further copies)
+        feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, Np, C')
+        coords = None
+        if self.use_coords:
+            if self.spatial_dims == 1:
+                grid = coordinate_grid_1d(padded[0], device=x.device, dtype=x.dtype)
+            else:
+                grid = coordinate_grid_2d(*padded, device=x.device, dtype=x.dtype)
+            coords = grid.flatten(1).t().unsqueeze(0).expand(b, -1, -1)
+        if self.similarity_type == "Col":
+            search = feats
+        elif self.similarity_type == "Loc":
+            search = coords
+        else:
+            std = feats.reshape(b, -1).std(dim=1).view(b, 1, 1)
+            lam = self.lambda_param
+            search = torch.cat([lam * feats / (std + _STD_EPS), (1.0 - lam) * coords], dim=-1)
+        values = feats if self.aggregation_type == "Col" else torch.cat([feats, coords], dim=-1)
+        qpos = self._query_positions(shape, x.device)
+        cand = self.sampler.candidates(shape, p, K=self.K, training=self.training, device=x.device)
+        return TokenMap(feats, coords, search, values, qpos, cand, shape)
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.in_channels}, {self.out_channels}, K={self.K}",
+            f"sampling_type={self.sampling_type!r}",
+        ]
+        if self.sampling_type != "all":
+            parts.append(f"num_samples={self.num_samples}")
+        if self.sampling_type == "spatial":
+            parts.append(f"sample_padding={self.sample_padding}")
+        if self.sampling_type == "random":
+            parts.append(f"eval_sampling={self.eval_sampling!r}")
+        parts += [f"magnitude_type={self.magnitude_type!r}", f"padding={self.padding}"]
+        if self.shuffle_pattern != "NA":
+            parts.append(f"shuffle_pattern={self.shuffle_pattern!r}")
+            parts.append(f"shuffle_scale={self.shuffle_scale}")
+        parts.append(f"similarity_type={self.similarity_type!r}")
+        parts.append(f"aggregation_type={self.aggregation_type!r}")
+        if self.similarity_type == "Loc_Col":
+            parts.append(f"lambda_param={self.lambda_param}")
+        return ", ".join(parts)
+
+    # ---------------------------------------------------------------------------- helpers
+    def _check_divisible(self, shape: tuple[int, ...]) -> None:
+        s = self.shuffle_scale
+        if any(n % s for n in shape):
+            raise ValueError(
+                f"input spatial shape {shape} is not divisible by shuffle_scale={s} "
+                f"(shuffle_pattern={self.shuffle_pattern!r})"
+            )
+
+    def _query_positions(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Flat indices of the unpadded positions inside the padded map, in raster order."""
+        p = self.padding
+        if len(shape) == 1:
+            return torch.arange(shape[0], device=device) + p
+        h, w = shape
+        rows = torch.arange(h, device=device) + p
+        cols = torch.arange(w, device=device) + p
+        return (rows.view(-1, 1) * (w + 2 * p) + cols.view(1, -1)).reshape(-1)
+
+
+class _ConvNNHard(ConvNNBase):
+    """Hard selection (g = 1) aggregated by a Conv1d-layout filter ``weight`` (O', Cv, K)."""
+
+    def __init__(self, in_channels: int, out_channels: int, K: int = 9, **kwargs) -> None:
+        super().__init__(in_channels, out_channels, K, **kwargs)
+        self.weight = nn.Parameter(torch.empty(self.mix_out_channels, self.value_channels, self.K))
+        self.bias = nn.Parameter(torch.empty(self.mix_out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv1d``'s default initialisation (fan-in = Cv · K)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.value_channels * self.K)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def mix(self, tokens: TokenMap) -> Tensor:
+        idx = self.select_neighbors(tokens)
+        return aggregate_neighbors(tokens.values, idx, self.weight, self.bias)
+
+
+class Conv1dNN(_ConvNNHard):
+    """ConvNN over a sequence (B, C, T) → (B, O, T'): each token's K nearest tokens in feature
+    space, aggregated by a learned (O, C, K) filter over their rank (SPEC §1)."""
+
+    spatial_dims = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        K: int = 9,
+        *,
+        sampling_type: str = "all",
+        num_samples: int = -1,
+        sample_padding: int = 0,
+        magnitude_type: str = "cosine",
+        padding: int = 0,
+        shuffle_pattern: str = "NA",
+        shuffle_scale: int = 1,
+        similarity_type: str = "Col",
+        aggregation_type: str = "Col",
+        lambda_param: float = 0.5,
+        eval_sampling: str = "fixed",
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            K,
+            sampling_type=sampling_type,
+            num_samples=num_samples,
+            sample_padding=sample_padding,
+            magnitude_type=magnitude_type,
+            padding=padding,
+            shuffle_pattern=shuffle_pattern,
+            shuffle_scale=shuffle_scale,
+            similarity_type=similarity_type,
+            aggregation_type=aggregation_type,
+            lambda_param=lambda_param,
+            eval_sampling=eval_sampling,
+        )
+
+
+class Conv2dNN(_ConvNNHard):
+    """ConvNN over an image (B, C, H, W) → (B, O, H', W'): each pixel's K nearest pixels in
+    feature space, aggregated by a learned (O, C, K) filter over their rank (SPEC §1)."""
+
+    spatial_dims = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        K: int = 9,
+        *,
+        sampling_type: str = "all",
+        num_samples: int = -1,
+        sample_padding: int = 0,
+        magnitude_type: str = "cosine",
+        padding: int = 0,
+        shuffle_pattern: str = "NA",
+        shuffle_scale: int = 1,
+        similarity_type: str = "Col",
+        aggregation_type: str = "Col",
+        lambda_param: float = 0.5,
+        eval_sampling: str = "fixed",
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            K,
+            sampling_type=sampling_type,
+            num_samples=num_samples,
+            sample_padding=sample_padding,
+            magnitude_type=magnitude_type,
+            padding=padding,
+            shuffle_pattern=shuffle_pattern,
+            shuffle_scale=shuffle_scale,
+            similarity_type=similarity_type,
+            aggregation_type=aggregation_type,
+            lambda_param=lambda_param,
+            eval_sampling=eval_sampling,
+        )
+
+
+Conv1d_NN = Conv1dNN
+Conv2d_NN = Conv2dNN

@@ -1,0 +1,169 @@
+"""Candidate sampling shared by every ConvNN layer (SPEC §1.2): ``all``, ``random``, ``spatial``.
+
+A :class:`CandidateSampler` turns a (padded) token map into the candidate key indices that the
+search may choose from, shared across the batch, or ``None`` for "every token". It holds only
+its hyper-parameters: nothing about a call is stored, so one layer serves any input size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["EVAL_SAMPLING", "EVAL_SEED", "SAMPLING_TYPES", "CandidateSampler"]
+
+SAMPLING_TYPES: tuple[str, ...] = ("all", "random", "spatial")
+EVAL_SAMPLING: tuple[str, ...] = ("fixed", "random")
+#: Seed of the fresh generator for ``random`` candidates in eval (``eval_sampling="fixed"``).
+EVAL_SEED: int = 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class CandidateSampler:
+    """Validated candidate policy; call :meth:`candidates` once per forward.
+
+    Args:
+        sampling_type: ``all`` (every token), ``random`` (M distinct tokens drawn uniformly per
+            call) or ``spatial`` (an n×n grid, n points in 1-D, on the unpadded map).
+        num_samples: M for ``random``, n for ``spatial``; ignored by ``all``.
+        sample_padding: q, margin of the spatial grid (``linspace(q, H-1-q, n)``).
+        eval_sampling: in eval mode ``fixed`` draws ``random`` candidates from a fresh generator
+            seeded with ``eval_seed`` (reproducible), ``random`` draws fresh ones each call.
+        eval_seed: seed for ``eval_sampling="fixed"``.
+
+    Training draws use the global torch RNG (CPU), so seeded runs and resumed runs reproduce.
+    """
+
+    def __init__(
+        self,
+        sampling_type: str = "all",
+        num_samples: int = -1,
+        sample_padding: int = 0,
+        eval_sampling: str = "fixed",
+        *,
+        eval_seed: int = EVAL_SEED,
+    ) -> None:
+        if sampling_type not in SAMPLING_TYPES:
+            raise ValueError(
+                f"sampling_type={sampling_type!r} is not supported; choose one of {SAMPLING_TYPES}"
+            )
+        if sampling_type != "all" and (not _is_int(num_samples) or num_samples < 1):
+            what = "M sampled tokens" if sampling_type == "random" else "n grid points per axis"
+            raise ValueError(
+                f"num_samples={num_samples!r} must be an integer >= 1 ({what}) "
+                f"for sampling_type={sampling_type!r}"
+            )
+        if not _is_int(sample_padding) or sample_padding < 0:
+            raise ValueError(f"sample_padding={sample_padding!r} must be an integer >= 0")
+        if eval_sampling not in EVAL_SAMPLING:
+            raise ValueError(
+                f"eval_sampling={eval_sampling!r} is not supported; choose one of {EVAL_SAMPLING}"
+            )
+        if not _is_int(eval_seed):
+            raise ValueError(f"eval_seed={eval_seed!r} must be an integer")
+        self.sampling_type = sampling_type
+        self.num_samples = int(num_samples)
+        self.sample_padding = int(sample_padding)
+        self.eval_sampling = eval_sampling
+        self.eval_seed = int(eval_seed)
+
+    @property
+    def max_candidates(self) -> int | None:
+        """Upper bound on the number of sampled candidates (``None`` for ``all``)."""
+        if self.sampling_type == "random":
+            return self.num_samples
+        if self.sampling_type == "spatial":
+            return self.num_samples**2
+        return None
+
+    def check_k(self, K: int, *, include_self: bool = True) -> None:
+        """Construction-time check that K neighbours can come from the candidates."""
+        if not _is_int(K) or K < 1:
+            raise ValueError(f"K={K!r} must be an integer >= 1")
+        m = self.max_candidates
+        if m is not None and (K - 1 if include_self else K) > m:
+            bound = m + 1 if include_self else m
+            raise ValueError(
+                f"K={K} is too large for sampling_type={self.sampling_type!r} with "
+                f"num_samples={self.num_samples} ({m} candidates); valid range: 1 <= K <= {bound}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"CandidateSampler({self.sampling_type!r}, num_samples={self.num_samples}, "
+            f"sample_padding={self.sample_padding}, eval_sampling={self.eval_sampling!r})"
+        )
+
+    @torch.compiler.disable
+    def candidates(
+        self,
+        spatial_shape: tuple[int, ...],
+        padding: int = 0,
+        *,
+        K: int | None = None,
+        training: bool = True,
+        include_self: bool = True,
+        device: torch.device | str | None = None,
+    ) -> Tensor | None:
+        """Sorted candidate indices (M,) into the padded, flattened map, or ``None`` for all.
+
+        ``spatial_shape`` is the unpadded (H, W) or (T,); ``padding`` p pads every side. When
+        ``K`` is given it is checked against the tokens/candidates of this call (errors name the
+        shapes).
+        """
+        shape = tuple(int(s) for s in spatial_shape)
+        padded = tuple(s + 2 * padding for s in shape)
+        n_tokens = 1
+        for s in padded:
+            n_tokens *= s
+        cand = self._draw(shape, padded, padding, n_tokens, training)
+        if K is not None:
+            m = n_tokens if cand is None else cand.numel()
+            need = K - 1 if include_self else K
+            limit = n_tokens - 1 if include_self and cand is None else m
+            if need > limit:
+                bound = limit + 1 if include_self else limit
+                raise ValueError(
+                    f"K={K} is too large for an input map of spatial shape {shape} with "
+                    f"padding={padding} ({n_tokens} tokens, {m} candidates under "
+                    f"sampling_type={self.sampling_type!r}); valid range: 1 <= K <= {bound}"
+                )
+        return None if cand is None else cand.to(device)
+
+    def _draw(
+        self,
+        shape: tuple[int, ...],
+        padded: tuple[int, ...],
+        padding: int,
+        n_tokens: int,
+        training: bool,
+    ) -> Tensor | None:
+        if self.sampling_type == "random":
+            if self.num_samples >= n_tokens:
+                return None
+            gen = None
+            if not training and self.eval_sampling == "fixed":
+                gen = torch.Generator().manual_seed(self.eval_seed)
+            perm = torch.randperm(n_tokens, generator=gen)
+            return torch.sort(perm[: self.num_samples]).values
+        if self.sampling_type == "spatial":
+            n, q = self.num_samples, self.sample_padding
+            if n >= min(shape):
+                return None
+            axes = []
+            for size in shape:
+                if 2 * q > size - 1:
+                    raise ValueError(
+                        f"sample_padding={q} leaves no grid on an input map of spatial shape "
+                        f"{shape}; valid range: 0 <= sample_padding <= {(min(shape) - 1) // 2}"
+                    )
+                pos = torch.linspace(q, size - 1 - q, n, dtype=torch.float64).long()
+                axes.append(torch.unique(pos) + padding)
+            if len(axes) == 1:
+                return axes[0]
+            rows, cols = axes
+            return (rows.view(-1, 1) * padded[1] + cols.view(1, -1)).reshape(-1)
+        return None

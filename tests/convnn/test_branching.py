@@ -1,0 +1,78 @@
+"""Branching: channel split, [first, second] concatenation, 1×1 fusion, degenerate ratios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from convnn import Branching, Conv1dNN, Conv2dNN
+
+
+def _conv(i: int, o: int) -> nn.Module:
+    return nn.Conv2d(i, o, 3, padding=1)
+
+
+def _convnn(i: int, o: int) -> nn.Module:
+    return Conv2dNN(i, o, K=5, padding=1)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "split"), [(0.5, (4, 4)), (0.25, (2, 6)), (0.3, (2, 6)), (0.7, (6, 2))]
+)
+def test_split_and_forward_equals_concat_then_pointwise(ratio: float, split) -> None:
+    torch.manual_seed(0)
+    block = Branching(3, 8, _convnn, _conv, branch_ratio=ratio)
+    assert (block.first_channels, block.second_channels) == split
+    assert block.first.out_channels == split[0] and block.second.out_channels == split[1]
+    x = torch.randn(2, 3, 5, 6)
+    expected = block.pointwise(torch.cat([block.first(x), block.second(x)], dim=1))
+    torch.testing.assert_close(block(x), expected)
+    assert block(x).shape == (2, 8, 5, 6)
+
+
+def test_ratio_zero_and_one_build_a_single_branch() -> None:
+    only_conv = Branching(3, 8, _convnn, _conv, branch_ratio=0.0)
+    assert only_conv.first is None and isinstance(only_conv.second, nn.Conv2d)
+    only_nn = Branching(3, 8, _convnn, _conv, branch_ratio=1)
+    assert only_nn.second is None and isinstance(only_nn.first, Conv2dNN)
+    x = torch.randn(1, 3, 4, 4)
+    for block in (only_conv, only_nn):
+        assert block(x).shape == (1, 8, 4, 4)
+    torch.testing.assert_close(only_nn(x), only_nn.pointwise(only_nn.first(x)))
+
+
+def test_gradients_reach_both_branches() -> None:
+    block = Branching(3, 6, _convnn, _conv)
+    block(torch.randn(2, 3, 4, 4)).square().sum().backward()
+    assert block.first.weight.grad is not None and block.second.weight.grad is not None
+
+
+def test_1d_branches() -> None:
+    block = Branching(
+        3,
+        4,
+        lambda i, o: Conv1dNN(i, o, K=3),
+        lambda i, o: nn.Conv1d(i, o, 3, padding=1),
+    )
+    assert block(torch.randn(2, 3, 7)).shape == (2, 4, 7)
+
+
+def test_layer_factory_branching() -> None:
+    from models.layers import LayerFactory
+
+    layer = LayerFactory("branching", branch_ratio=0.5, padding=1).conv2d(3, 8)
+    assert isinstance(layer, Branching) and isinstance(layer.first, Conv2dNN)
+    assert layer(torch.randn(2, 3, 6, 6)).shape == (2, 8, 6, 6)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, "half", True])
+def test_ratio_validation(ratio) -> None:
+    with pytest.raises(ValueError, match=r"branch_ratio=.* must be a number in \[0, 1\]"):
+        Branching(3, 8, _convnn, _conv, branch_ratio=ratio)
+
+
+def test_channel_validation_and_repr() -> None:
+    with pytest.raises(ValueError, match=r"out_channels=0 must be an integer >= 1"):
+        Branching(3, 0, _convnn, _conv)
+    assert "split=(4, 4)" in repr(Branching(3, 8, _convnn, _conv))
