@@ -108,7 +108,8 @@ def test_sweep_every_cnn_with_every_2d_layer(tmp_path: Path) -> None:
 def test_sweep_every_vit_with_every_token_mixer(tmp_path: Path) -> None:
     layers = ["conv", "convnn", "convnn_attn", "attention", "kvt", "local_attention"]
     layers.append("sparse_attention")
-    _sweep(VITS, layers, ["net.depth=2"], tmp_path)
+    # `++`: Hydra checks sweep overrides against the default net (simple), which has no depth.
+    _sweep(VITS, layers, ["++net.depth=2"], tmp_path)
 
 
 def test_incompatible_pair_fails_cleanly(tmp_path: Path) -> None:
