@@ -1,0 +1,299 @@
+"""Token mixers for transformers ((B, N, D) → (B, N, D)) and pixel attention for CNNs.
+
+All attention variants share one core, :class:`_SelfAttention`: a fused q/k/v projection, heads,
+``F.scaled_dot_product_attention`` with an optional boolean mask (True = may attend), and an output
+projection. The variants differ only in the mask they build (KVT top-K, sparse patterns) or in how
+tokens are grouped (local windows), so their parameters have identical names and shapes — a state
+dict from one loads into any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SPARSE_PATTERNS",
+    "Attention2d",
+    "Conv1dMixer",
+    "Conv1dNNMixer",
+    "KNNAttention",
+    "LocalAttention",
+    "MultiHeadAttention",
+    "SparseAttention",
+    "sparse_pattern_mask",
+]
+
+SPARSE_PATTERNS: tuple[str, ...] = ("local", "strided")
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is invalid; expected an integer ≥ {low}")
+    return value
+
+
+def _check_dropout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"attention_dropout={value!r} is invalid; expected a float in [0, 1)")
+    return float(value)
+
+
+class _SelfAttention(nn.Module):
+    """Shared core: q/k/v projection → multi-head (masked) SDPA → output projection.
+
+    Subclasses override :meth:`_mask` (which keys each query may see) or :meth:`_attend` (how
+    heads are attended, e.g. per window). Input (B, N, in_dim) → (B, N, out_dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+        *,
+        in_dim: int | None = None,
+        out_dim: int | None = None,
+        dim_name: str = "dim",
+    ) -> None:
+        super().__init__()
+        _check_int(dim_name, dim, 1)
+        _check_int("num_heads", num_heads, 1)
+        if dim % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is invalid for {dim_name}={dim}; num_heads must divide "
+                f"{dim_name} (valid: divisors of {dim})"
+            )
+        self.dim = dim
+        self.num_heads = num_heads
+        self.attention_dropout = _check_dropout(attention_dropout)
+        self.qkv = nn.Linear(in_dim or dim, 3 * dim)
+        self.proj = nn.Linear(dim, out_dim or dim)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        p = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+    def _mask(self, q: Tensor, k: Tensor) -> Tensor | None:
+        """Boolean (…, N, N) mask of allowed keys, or None for full attention."""
+        return None
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self._sdpa(q, k, v, self._mask(q, k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, in_dim) → (B, N, out_dim)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
+        out = self._attend(q, k, v).transpose(1, 2).reshape(b, n, self.dim)
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, "
+            f"attention_dropout={self.attention_dropout}"
+        )
+
+
+class MultiHeadAttention(_SelfAttention):
+    """Standard multi-head self-attention over all N tokens."""
+
+    def __init__(self, dim: int, num_heads: int = 1, attention_dropout: float = 0.0) -> None:
+        super().__init__(dim, num_heads, attention_dropout)
+
+
+class KNNAttention(_SelfAttention):
+    """KVT k-NN attention: each query's softmax is restricted to its top-``K`` keys.
+
+    Keys are selected per head by the scaled dot product (selection carries no gradient; the
+    softmax over the kept scores does). ``K ≥ N`` is exactly full attention.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 1, attention_dropout: float = 0.0, K: int = 100
+    ) -> None:
+        super().__init__(dim, num_heads, attention_dropout)
+        self.K = _check_int("K", K, 1)
+
+    def _mask(self, q: Tensor, k: Tensor) -> Tensor | None:
+        n = k.shape[-2]
+        if self.K >= n:
+            return None
+        with torch.no_grad():
+            scores = q.float() @ k.float().transpose(-2, -1)
+            idx = scores.topk(self.K, dim=-1).indices
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            mask.scatter_(-1, idx, True)
+        return mask
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, K={self.K}"
+
+
+class LocalAttention(_SelfAttention):
+    """Attention within non-overlapping windows of ``window_size`` consecutive tokens.
+
+    N is padded up to a multiple of the window; padded keys are masked out, so a token in the
+    last (partial) window attends only to the real tokens of that window. ``window_size ≥ N``
+    is full attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+        window_size: int = 16,
+    ) -> None:
+        super().__init__(dim, num_heads, attention_dropout)
+        self.window_size = _check_int("window_size", window_size, 1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, h, n, d = q.shape
+        w = self.window_size
+        if w >= n:
+            return self._sdpa(q, k, v, None)
+        pad = (-n) % w
+        nw = (n + pad) // w
+        q, k, v = (F.pad(t, (0, 0, 0, pad)).reshape(b, h, nw, w, d) for t in (q, k, v))
+        mask = None
+        if pad:
+            valid = torch.arange(n + pad, device=q.device) < n
+            mask = valid.reshape(nw, 1, w)  # (windows, query, key) broadcast over queries
+        out = self._sdpa(q, k, v, mask)
+        return out.reshape(b, h, n + pad, d)[:, :, :n]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window_size={self.window_size}"
+
+
+def sparse_pattern_mask(n: int, pattern: str, stride: int, device: Any = None) -> Tensor:
+    """Bidirectional Sparse-Transformer pattern as an (N, N) boolean mask (True = attend).
+
+    ``local``: |i − j| < stride. ``strided``: local, or (i − j) divisible by stride — every token
+    then reaches every other in two hops.
+    """
+    i = torch.arange(n, device=device)
+    diff = i[:, None] - i[None, :]
+    mask = diff.abs() < stride
+    if pattern == "strided":
+        mask |= diff.remainder(stride) == 0
+    return mask
+
+
+class SparseAttention(_SelfAttention):
+    """Fixed sparse attention patterns from Sparse Transformers (bidirectional).
+
+    ``pattern="local"`` attends within a band of width ``stride`` (|i − j| < stride);
+    ``pattern="strided"`` adds every ``stride``-th token (j ≡ i mod stride), so two layers connect
+    every pair of tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+        pattern: str = "strided",
+        stride: int = 8,
+    ) -> None:
+        super().__init__(dim, num_heads, attention_dropout)
+        if pattern not in SPARSE_PATTERNS:
+            raise ValueError(f"pattern={pattern!r} is invalid; choose one of {SPARSE_PATTERNS}")
+        self.pattern = pattern
+        self.stride = _check_int("stride", stride, 1)
+
+    def _mask(self, q: Tensor, k: Tensor) -> Tensor | None:
+        mask = sparse_pattern_mask(k.shape[-2], self.pattern, self.stride, k.device)
+        return None if bool(mask.all()) else mask
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pattern={self.pattern!r}, stride={self.stride}"
+
+
+class Attention2d(nn.Module):
+    """Multi-head self-attention over the H·W pixels of a map, for CNN backbones.
+
+    1×1 projections (implemented as linear maps on the flattened pixels, which is the same
+    operation) take ``in_channels`` to q/k/v of ``out_channels``; SDPA over all pixels; a 1×1 output
+    projection. (B, in, H, W) → (B, out, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_int("in_channels", in_channels, 1)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.attn = _SelfAttention(
+            out_channels,
+            num_heads,
+            attention_dropout,
+            in_dim=in_channels,
+            dim_name="out_channels",
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in, H, W) → (B, out, H, W)."""
+        b, _, h, w = x.shape
+        y = self.attn(x.flatten(2).transpose(1, 2))
+        return y.transpose(1, 2).reshape(b, self.out_channels, h, w)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, num_heads={self.attn.num_heads}, "
+            f"attention_dropout={self.attn.attention_dropout}"
+        )
+
+
+class Conv1dMixer(nn.Module):
+    """Depthwise Conv1d along the tokens (``kernel_size``, same length) then a pointwise Conv1d."""
+
+    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        _check_int("dim", dim, 1)
+        _check_int("kernel_size", kernel_size, 1)
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size={kernel_size} is invalid; expected an odd integer ≥ 1 so that the "
+                "number of tokens is kept"
+            )
+        self.dim = dim
+        self.kernel_size = kernel_size
+        self.depthwise = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.pointwise = nn.Conv1d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) → (B, N, D)."""
+        return self.pointwise(self.depthwise(x.transpose(1, 2))).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kernel_size={self.kernel_size}"
+
+
+class Conv1dNNMixer(nn.Module):
+    """``convnn.Conv1dNN(dim, dim, **convnn_kwargs)`` over the token axis: (B, N, D) → (B, N, D)."""
+
+    def __init__(self, dim: int, **convnn_kwargs: Any) -> None:
+        super().__init__()
+        _check_int("dim", dim, 1)
+        from convnn import Conv1dNN  # the core layer; imported lazily (other module of convnn)
+
+        self.dim = dim
+        self.layer = Conv1dNN(dim, dim, **convnn_kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) → (B, N, D)."""
+        return self.layer(x.transpose(1, 2)).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
