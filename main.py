@@ -9,8 +9,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from models.config import register_configs
-from models.run import run
+from models.config import check_config, register_configs
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +19,10 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="cfg", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one job; the return value (test top-1) is what sweepers such as Optuna optimise."""
-    return run(cfg)["test/acc1"]
+    check_config(cfg)  # fails fast, before torch and Lightning are even imported
+    from models.run import run
+
+    return run(cfg, validate=False)["test/acc1"]
 
 
 if __name__ == "__main__":

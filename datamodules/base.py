@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import CompactHydraException
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import transforms as T
 
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 SPLIT_SEED = 0
 
 
-class DataError(RuntimeError):
-    """Data cannot be found or does not match the configuration."""
+class DataError(CompactHydraException, RuntimeError):
+    """Data cannot be found or does not match the configuration (Hydra prints only the message,
+    without a traceback)."""
 
 
 class GaussianNoise(torch.nn.Module):

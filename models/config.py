@@ -446,8 +446,7 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.num_nodes); use a multiple of {world}."
         )
 
-    if cfg.ckpt_path is not None and str(cfg.ckpt_path) != "last":
-        _check_path(cfg.ckpt_path, "ckpt_path")
+    resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))
     _check_path(cfg.init_from, "init_from")
     if cfg.test_only and cfg.init_from is None and cfg.ckpt_path is None:
         raise _fail("test_only", True, "needs weights to evaluate: set init_from=PATH")

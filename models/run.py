@@ -3,7 +3,6 @@ and summarise multirun sweeps."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -14,8 +13,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback as HydraCallback
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -30,7 +27,6 @@ from models.layers import LayerFactory
 from models.module import ImageClassifier
 
 __all__ = [
-    "SweepSummary",
     "count_flops",
     "describe_model",
     "load_weights",
@@ -212,13 +208,17 @@ def load_weights(module: nn.Module, path: str) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------- run
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """compose → validate → instantiate → fit/test → results.json. Returns the results."""
+def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
+    """validate → instantiate → fit/test → results.json. Returns the results.
+
+    ``validate=False`` skips :func:`check_config` when the caller has just run it.
+    """
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Run directory: %s", run_dir)
 
-    check_config(cfg)
+    if validate:
+        check_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     datamodule = build_datamodule(cfg)
     layer = build_layer(cfg)
@@ -305,96 +305,3 @@ def _results(
         "run_dir": str(run_dir),
         **counts,
     }
-
-
-# ------------------------------------------------------------------------------------- sweeps
-class SweepSummary(HydraCallback):
-    """Hydra callback: after a multirun, ``sweep_summary.csv`` (one row per job: overrides +
-    results.json, or the error) and a printed table. Failed jobs never hide the others."""
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        """Record a failed job's error in its directory."""
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            return
-        status = getattr(job_return.status, "name", str(job_return.status))
-        if status != "COMPLETED":
-            out = Path(config.hydra.runtime.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "error.txt").write_text(
-                f"{type(job_return._return_value).__name__}: {job_return._return_value}\n"
-            )
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Write the summary and log the table."""
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = summarise_sweep(sweep_dir)
-        if not rows:
-            return
-        log_table(rows)
-        log.info("Sweep summary: %s", sweep_dir / "sweep_summary.csv")
-        failed = [r for r in rows if r["status"] != "ok"]
-        if failed:
-            log.error(
-                "%d of %d jobs failed: %s",
-                len(failed),
-                len(rows),
-                "; ".join(f"#{r['job']} {r['overrides']}: {r.get('error', '')}" for r in failed),
-            )
-
-
-def summarise_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Collect every job directory of a sweep into ``sweep_summary.csv``."""
-    rows: list[dict[str, Any]] = []
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
-        overrides = OmegaConf.load(overrides_file)
-        row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
-        for item in overrides:
-            key, _, value = str(item).partition("=")
-            row[key.lstrip("+~")] = value
-        results = job_dir / "results.json"
-        error = job_dir / "error.txt"
-        if results.is_file():
-            row["status"] = "ok"
-            row.update(json.loads(results.read_text()))
-        else:
-            row["status"] = "failed"
-            row["error"] = error.read_text().strip() if error.is_file() else "no results.json"
-        rows.append(row)
-    rows.sort(key=lambda r: (len(r["job"]), r["job"]))
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    if rows:
-        with (sweep_dir / "sweep_summary.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    return rows
-
-
-def log_table(rows: list[dict[str, Any]]) -> None:
-    """Print the sweep table with rich (falls back to the log)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="sweep summary")
-    cols = [
-        "job",
-        "overrides",
-        "status",
-        "test/acc1",
-        "test/acc5",
-        "val/acc1_best",
-        "epochs",
-        "train_time_s",
-    ]
-    for col in cols:
-        table.add_column(col)
-    for row in rows:
-        cells = []
-        for col in cols:
-            v = row.get(col, "")
-            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
-        table.add_row(*cells)
-    Console(stderr=False).print(table)
