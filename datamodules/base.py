@@ -4,7 +4,7 @@ loaders whose order depends only on (seed, epoch)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -51,8 +51,9 @@ class GaussianNoise(torch.nn.Module):
 class EpochSeededSampler(RandomSampler):
     """A shuffling sampler whose permutation depends only on (seed, epoch).
 
-    Its generator is shared with the DataLoader, so worker seeds are reproducible too: a resumed
-    run sees exactly the batches an uninterrupted run would have seen.
+    The permutation is drawn from a fresh generator on every ``iter``; :attr:`generator` is
+    reseeded per epoch too and handed to the DataLoader for worker seeds. So a resumed run sees
+    exactly the batches an uninterrupted run would have seen.
     """
 
     def __init__(self, data_source: Sequence[Any], seed: int) -> None:
@@ -60,10 +61,19 @@ class EpochSeededSampler(RandomSampler):
         self.seed = int(seed)
         self.set_epoch(0)
 
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        """Reseed for ``epoch`` (Lightning calls this before every training epoch)."""
+        """Select the permutation of ``epoch`` (Lightning calls this before every epoch)."""
         self.epoch = int(epoch)
-        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.generator.manual_seed(self._epoch_seed())
+
+    def __iter__(self) -> Iterator[int]:
+        perm = torch.randperm(
+            len(self.data_source), generator=torch.Generator().manual_seed(self._epoch_seed())
+        )
+        return iter(perm.tolist())
 
 
 def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:

@@ -41,16 +41,22 @@ class EpochMetricsCSV(Callback):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
+        self._loaded = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Load earlier rows (resume) up to the restored epoch."""
+        """Forget rows of an earlier ``fit`` in this process."""
         self.rows = []
+        self._loaded = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per fit: keep the file's rows of epochs before the (restored) current one."""
+        if self._loaded:
+            return
+        self._loaded = True
         if trainer.fast_dev_run or not self.path.is_file():
             return
         with self.path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if int(row["epoch"]) < trainer.current_epoch:
-                    self.rows.append(row)
+            self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Append this epoch's row and rewrite the file atomically (rank 0)."""

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -126,9 +127,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[L
             if run_id is None and id_file.is_file() and cfg.ckpt_path is not None:
                 run_id = id_file.read_text().strip()
             if run_id is None:
-                import wandb
-
-                run_id = wandb.util.generate_id()
+                run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
             ids["wandb"] = run_id
             name = lcfg.get("name") or run_name(cfg)
@@ -139,11 +138,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[L
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[pl.Callback]:
-    """Configured callbacks plus the ones every run needs (metrics.csv, RNG, run ids)."""
-    callbacks: list[pl.Callback] = [
-        instantiate(c) for c in (cfg.callbacks or {}).values() if c and "_target_" in c
-    ]
+def build_callbacks(
+    cfg: DictConfig, run_dir: Path, ids: dict[str, str], has_logger: bool
+) -> list[pl.Callback]:
+    """Configured callbacks plus the ones every run needs (metrics.csv, RNG, run ids).
+
+    Without a logger the lr monitor is dropped (metrics.csv still records the lr)."""
+    callbacks: list[pl.Callback] = []
+    for c in (cfg.callbacks or {}).values():
+        if not c or "_target_" not in c:
+            continue
+        callback = instantiate(c)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        callbacks.append(callback)
     callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
     return callbacks
 
@@ -238,7 +246,7 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
 
     ids = _checkpoint_ids(ckpt_path)
     loggers = build_loggers(cfg, run_dir, ids)
-    callbacks = build_callbacks(cfg, run_dir, ids)
+    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
@@ -276,9 +284,12 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
-    cb = trainer.checkpoint_callback
-    if isinstance(cb, ModelCheckpoint) and cb.best_model_path and not trainer.fast_dev_run:
-        return cb.best_model_path
+    """Path of the best checkpoint by the monitored metric (None without one)."""
+    if trainer.fast_dev_run:
+        return None
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
+            return cb.best_model_path
     return None
 
 

@@ -21,23 +21,29 @@ log = logging.getLogger(__name__)
 
 
 class SweepSummary(HydraCallback):
-    """Hydra callback: after a multirun, ``sweep_summary.csv`` (one row per job: overrides +
-    results.json, or the error) and a printed table. Failed jobs never hide the others."""
+    """Hydra callback for multiruns: after every job, ``sweep_summary.csv`` in the sweep dir is
+    rewritten (one row per job: overrides + results.json, or the error), so results survive a
+    failing job or an interrupted sweep; at the end a table is printed.
+
+    Hydra's basic sweeper re-raises the first failed job after the whole batch has run, which
+    makes the command exit non-zero without losing the other jobs' rows.
+    """
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        """Record a failed job's error in its directory."""
+        """Record a failed job's error in its directory and refresh the summary."""
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return
         status = getattr(job_return.status, "name", str(job_return.status))
         if status != "COMPLETED":
             out = Path(config.hydra.runtime.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "error.txt").write_text(
-                f"{type(job_return._return_value).__name__}: {job_return._return_value}\n"
-            )
+            error = job_return._return_value
+            (out / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+            log.error("job #%s failed: %s", config.hydra.job.num, error)
+        summarise_sweep(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Write the summary and log the table."""
+        """Write the final summary and print the table."""
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarise_sweep(sweep_dir)
         if not rows:
