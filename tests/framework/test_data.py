@@ -111,7 +111,7 @@ def test_imagefolder_tree(tmp_path: Path) -> None:
     assert len(dm.val_set) == 4 and len(dm.train_set) == 14
     assert _batch(dm, "test")[0].shape == (4, 3, 32, 32)
     wrong = ImageNetDataModule(name="imagenet", root=str(tmp_path), num_classes=5, resize=32)
-    with pytest.raises(DataError, match="dataset.num_classes=3"):
+    with pytest.raises(DataError, match=r"dataset\.num_classes=3"):
         wrong.setup("fit")
     with pytest.raises(DataError, match=r"Expected layout"):
         ImageNetDataModule(name="imagenet", root=str(tmp_path / "x")).check_available()
