@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import convnn
-
 from models.run import load_weights, run
 
 from .helpers import ROOT, TINY, compose_cfg, main_cmd, run_main
