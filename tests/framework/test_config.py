@@ -144,3 +144,20 @@ def test_bad_input_exits_cleanly(name: str, error_runs: dict[str, tuple[int, str
     assert rc != 0, output
     assert ERRORS[name][1] in output, output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_submitit_launchers_follow_the_trainer(launcher: str, tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CFG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4",
+                       "trainer.num_nodes=3", f"paths.output_dir={tmp_path}"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher")
+    assert cfg.hydra.launcher.nodes == 3
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.gpus_per_node == 4

@@ -50,11 +50,14 @@ def test_digits_run_writes_every_output(tmp_path: Path) -> None:
 # The quickstart preset uses convnn.Branching; until the layer library provides it, the
 # framework tests run the preset with layer=conv.
 HAS_CONVNN = hasattr(convnn, "Branching") and hasattr(convnn, "Conv2dNN")
-QUICKSTART = ["experiment=quickstart"] + ([] if HAS_CONVNN else ["layer=conv"])
+NO_CONVNN = [] if HAS_CONVNN else ["layer=conv"]
+PRESETS = sorted(p.stem for p in (ROOT / "cfg" / "experiment").glob("*.yaml"))
 
 
-def test_fast_dev_run_cli_writes_results(tmp_path: Path) -> None:
-    proc = run_main([*QUICKSTART, "debug=fdr", f"hydra.run.dir={tmp_path}"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fast_dev_run_cli_writes_results(preset: str, tmp_path: Path) -> None:
+    """Every experiment preset runs end to end with debug=fdr and writes results.json."""
+    proc = run_main([f"experiment={preset}", *NO_CONVNN, "debug=fdr", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(tmp_path)
     assert RESULT_KEYS <= set(results) and results["tested_checkpoint"] is None
