@@ -1,0 +1,248 @@
+"""Shared machinery of every datamodule: common options, transforms, the validation split, and
+loaders whose order depends only on (seed, epoch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.errors import CompactHydraException
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torchvision import transforms as T
+
+__all__ = [
+    "BaseDataModule",
+    "DataError",
+    "EpochSeededSampler",
+    "GaussianNoise",
+    "split_indices",
+]
+
+log = logging.getLogger(__name__)
+
+# Fixed seed of the train/validation split: model selection uses the same held-out images for
+# every run seed, and never the test set.
+SPLIT_SEED = 0
+
+
+class DataError(CompactHydraException, RuntimeError):
+    """Data cannot be found or does not match the configuration (Hydra prints only the message,
+    without a traceback)."""
+
+
+class GaussianNoise(torch.nn.Module):
+    """Adds N(0, std²) noise to a tensor image (applied after normalisation, train only)."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x`` plus fresh Gaussian noise."""
+        return x + torch.randn_like(x) * self.std
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
+
+
+class EpochSeededSampler(RandomSampler):
+    """A shuffling sampler whose permutation depends only on (seed, epoch).
+
+    The permutation is drawn from a fresh generator on every ``iter``; :attr:`generator` is
+    reseeded per epoch too and handed to the DataLoader for worker seeds. So a resumed run sees
+    exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, data_source: Sequence[Any], seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = int(seed)
+        self.set_epoch(0)
+
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (Lightning calls this before every epoch)."""
+        self.epoch = int(epoch)
+        self.generator.manual_seed(self._epoch_seed())
+
+    def __iter__(self) -> Iterator[int]:
+        perm = torch.randperm(
+            len(self.data_source), generator=torch.Generator().manual_seed(self._epoch_seed())
+        )
+        return iter(perm.tolist())
+
+
+def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` into (train, val) with the fixed generator (``val_split``: fraction)."""
+    n_val = round(n * val_split)
+    if val_split > 0 and n_val == 0:
+        n_val = 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Common options of every dataset (SPEC §3).
+
+    Args:
+        name: dataset name (for messages and logs).
+        root: where the files live (or are downloaded to).
+        download: fetch missing files; when false, missing data is an error naming the layout.
+        batch_size: the global batch size, divided by the world size.
+        num_workers: DataLoader worker processes per device.
+        pin_memory: pin host memory for faster GPU transfer.
+        resize: resize images to ``resize``×``resize`` (``None`` keeps the native size).
+        augment: random crop (padding 4) + horizontal flip on the training set.
+        noise: std of Gaussian noise added after normalisation (train only).
+        val_split: fraction of the training set held out for validation (eval transform).
+        seed: seed of the training order (with the epoch number).
+    """
+
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    native_dims: tuple[int, int, int] = (3, 32, 32)
+    default_num_classes: int = 10
+
+    def __init__(
+        self,
+        name: str,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        resize: int | None = None,
+        augment: bool = False,
+        noise: float = 0.0,
+        val_split: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.root = str(root)
+        self.download = bool(download)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.resize = None if resize is None else int(resize)
+        self.augment = bool(augment)
+        self.noise = float(noise)
+        self.val_split = float(val_split)
+        self.seed = int(seed)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # --------------------------------------------------------------- shapes
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (known without touching data)."""
+        return self.default_num_classes
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network sees, after ``resize``."""
+        c, h, w = self.native_dims
+        if self.resize is not None:
+            return (c, self.resize, self.resize)
+        return (c, h, w)
+
+    # ------------------------------------------------------------ transforms
+    def train_transform(self) -> T.Compose:
+        """Resize → [crop + flip] → tensor → normalise → [noise]."""
+        steps: list[Any] = self._resize_steps()
+        if self.augment:
+            steps += [T.RandomCrop(self.dims[1:], padding=4), T.RandomHorizontalFlip()]
+        steps += self._to_tensor_steps()
+        if self.noise > 0:
+            steps.append(GaussianNoise(self.noise))
+        return T.Compose(steps)
+
+    def eval_transform(self) -> T.Compose:
+        """Resize → tensor → normalise."""
+        return T.Compose(self._resize_steps() + self._to_tensor_steps())
+
+    def _resize_steps(self) -> list[Any]:
+        if self.resize is None:
+            return []
+        return [T.Resize((self.resize, self.resize), antialias=True)]
+
+    def _to_tensor_steps(self) -> list[Any]:
+        return [T.ToTensor(), T.Normalize(self.mean, self.std)]
+
+    # ------------------------------------------------------------ data hooks
+    def check_available(self) -> None:
+        """Raise :class:`DataError` when the data is missing and cannot be downloaded."""
+
+    def build_train(self, transform: Any) -> Dataset:
+        """The full training set with ``transform``."""
+        raise NotImplementedError
+
+    def build_test(self, transform: Any) -> Dataset:
+        """The test set with ``transform``."""
+        raise NotImplementedError
+
+    def train_val_indices(self, train_set: Dataset) -> tuple[list[int], list[int]]:
+        """Indices of the training set kept for training and held out for validation."""
+        return split_indices(len(train_set), self.val_split)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the splits; the test set only for ``stage == "test"``."""
+        self.check_available()
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            full_train = self.build_train(self.train_transform())
+            full_eval = self.build_train(self.eval_transform())
+            train_idx, val_idx = self.train_val_indices(full_train)
+            self.train_set = Subset(full_train, train_idx)
+            self.val_set = Subset(full_eval, val_idx)
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = self.build_test(self.eval_transform())
+
+    # ------------------------------------------------------------- loaders
+    @property
+    def per_device_batch_size(self) -> int:
+        """The global batch size divided by the world size."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise DataError(
+                f"dataset.batch_size={self.batch_size} is not divisible by the world size "
+                f"{world}; use a multiple of {world}"
+            )
+        return self.batch_size // world
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise DataError(f"{self.name}: setup() has not built this split")
+        sampler = EpochSeededSampler(dataset, self.seed) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            sampler=sampler,
+            generator=sampler.generator if sampler is not None else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled in an order fixed by (seed, epoch)."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out part of the training set, eval transform, fixed order."""
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set, eval transform, fixed order."""
+        return self._loader(self.test_set, train=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, root={self.root!r}, dims={self.dims}, "
+            f"num_classes={self.num_classes}, batch_size={self.batch_size})"
+        )

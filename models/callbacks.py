@@ -1,0 +1,181 @@
+"""Callbacks every run uses: per-epoch metrics.csv, exact RNG resume, run ids, progress bars."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+
+__all__ = [
+    "EpochMetricsCSV",
+    "PlainProgressBar",
+    "RNGStateCallback",
+    "RunIds",
+    "auto_progress_bar",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _number(value: Any) -> float:
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+class EpochMetricsCSV(Callback):
+    """Writes ``metrics.csv``: one row per finished epoch with every epoch-level metric.
+
+    On resume, rows of epochs that the checkpoint has not seen are dropped, so the file matches
+    the restored state.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self._loaded = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Forget rows of an earlier ``fit`` in this process."""
+        self.rows = []
+        self._loaded = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per fit: keep the file's rows of epochs before the (restored) current one."""
+        if self._loaded:
+            return
+        self._loaded = True
+        if trainer.fast_dev_run or not self.path.is_file():
+            return
+        with self.path.open(newline="") as f:
+            self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Append this epoch's row and rewrite the file atomically (rank 0)."""
+        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for i, opt in enumerate(trainer.optimizers):
+            row["lr" if i == 0 else f"lr{i}"] = opt.param_groups[0]["lr"]
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.startswith(("train/", "val/")):
+                row[key] = _number(value)
+        self.rows.append(row)
+        log.info(
+            "epoch %d | %s",
+            trainer.current_epoch,
+            "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train/", "val/"))),
+        )
+        if trainer.is_global_zero:
+            self._write()
+
+    def _write(self) -> None:
+        fields: list[str] = []
+        for row in self.rows:
+            fields += [k for k in row if k not in fields]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+class RNGStateCallback(Callback):
+    """Saves the global RNG states (torch, CUDA, numpy, random) in every checkpoint and restores
+    them at the start of the first epoch after a resume, so resuming is exact."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG states at checkpoint time (the end of an epoch), as tensors and tuples so
+        the checkpoint stays loadable with ``weights_only=True``."""
+        states = _collect_rng_states(include_cuda=True)
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        states["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+        return {"rng": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the states until training resumes (sanity checks may draw numbers first)."""
+        states = state_dict.get("rng")
+        if states is not None:
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            keys = np.asarray(keys.numpy() if torch.is_tensor(keys) else keys, dtype=np.uint32)
+            states = {**states, "numpy": (kind, keys, pos, has_gauss, cached)}
+        self._pending = states
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the saved states once."""
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+            self._pending = None
+
+
+class RunIds(Callback):
+    """Carries logger run ids (e.g. the W&B run id) inside checkpoints."""
+
+    def __init__(self, ids: dict[str, str] | None = None) -> None:
+        self.ids = dict(ids or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ids to persist."""
+        return {"ids": dict(self.ids)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to do: ids are read from the checkpoint before the loggers are built."""
+
+
+class PlainProgressBar(ProgressBar):
+    """Progress as plain log lines (for files and non-terminals): a line every ``every`` of an
+    epoch; epoch summaries come from :class:`EpochMetricsCSV`."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        super().__init__()
+        self.every = every
+        self._enabled = True
+
+    def disable(self) -> None:
+        """Silence the bar (non-zero ranks)."""
+        self._enabled = False
+
+    def enable(self) -> None:
+        """Turn the bar on."""
+        self._enabled = True
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Log the running training metrics every ``every`` of an epoch."""
+        total = self.total_train_batches
+        if not self._enabled or not isinstance(total, int) or total <= 0 or math.isinf(total):
+            return
+        step = max(1, round(total * self.every))
+        done = batch_idx + 1
+        if done % step == 0 and done < total:
+            metrics = self.get_metrics(trainer, pl_module)
+            shown = "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in metrics.items()
+                if k.startswith("train/")
+            )
+            log.info("epoch %d  %d/%d  %s", trainer.current_epoch, done, total, shown)
+
+
+def auto_progress_bar(refresh_rate: int = 1) -> ProgressBar:
+    """A rich progress bar on a terminal, plain log lines otherwise."""
+    if sys.stdout.isatty() and not os.environ.get("CI"):
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return PlainProgressBar()

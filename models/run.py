@@ -1,0 +1,318 @@
+"""Orchestration behind ``main.py``: build everything from the config, fit/test, write results,
+and summarise multirun sweeps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from datamodules.base import BaseDataModule
+from models.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
+from models.config import ConfigError, check_config, check_layer_fits, resolve_ckpt_path
+from models.layers import LayerFactory
+from models.module import ImageClassifier
+
+__all__ = [
+    "count_flops",
+    "describe_model",
+    "load_weights",
+    "run",
+    "write_json",
+]
+
+log = logging.getLogger(__name__)
+SCHEDULER_META = ("interval", "monitor")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ building
+def build_datamodule(cfg: DictConfig) -> BaseDataModule:
+    """Instantiate the datamodule (touches no data)."""
+    try:
+        return instantiate(cfg.dataset, seed=cfg.seed)
+    except TypeError as err:
+        raise ConfigError(f"Invalid configuration: dataset={cfg.dataset.name}: {err}.") from None
+
+
+def build_layer(cfg: DictConfig) -> LayerFactory:
+    """Instantiate the layer factory; its option errors become configuration errors."""
+    try:
+        return instantiate(cfg.layer, _convert_="all")
+    except Exception as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ConfigError(f"Invalid configuration: {cause}.") from None
+
+
+def build_net(cfg: DictConfig, layer: LayerFactory, dm: BaseDataModule) -> nn.Module:
+    """``instantiate(cfg.net)(layer=..., in_channels=C, num_classes=K, image_size=H)``."""
+    c, h, _ = dm.dims
+    try:
+        factory = instantiate(cfg.net, _convert_="all")
+        return factory(layer=layer, in_channels=c, num_classes=dm.num_classes, image_size=h)
+    except (ValueError, TypeError) as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ConfigError(f"Invalid configuration: net={cfg.net._target_}: {cause}") from None
+
+
+def build_module(cfg: DictConfig, net: nn.Module, num_classes: int) -> ImageClassifier:
+    """The LightningModule with optimizer/scheduler factories from the config."""
+    sched_cfg = cfg.scheduler
+    scheduler = None
+    if sched_cfg.get("_target_") is not None:
+        resolved = OmegaConf.to_container(sched_cfg, resolve=True)
+        assert isinstance(resolved, dict)
+        scheduler = instantiate({k: v for k, v in resolved.items() if k not in SCHEDULER_META})
+    return ImageClassifier(
+        net=net,
+        num_classes=num_classes,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+        scheduler_interval=sched_cfg.get("interval", "epoch"),
+        scheduler_monitor=sched_cfg.get("monitor"),
+        criterion=cfg.criterion,
+        label_smoothing=cfg.label_smoothing,
+        compile=cfg.compile,
+    )
+
+
+def _checkpoint_ids(ckpt_path: str | None) -> dict[str, str]:
+    if ckpt_path is None:
+        return {}
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("RunIds") and isinstance(state, dict):
+            return dict(state.get("ids", {}))
+    return {}
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable run name from the command-line overrides (W&B and logs)."""
+    try:
+        overrides = HydraConfig.get().job.override_dirname
+    except ValueError:
+        overrides = ""
+    return f"{cfg.name}:{overrides}" if overrides else str(cfg.name)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[Logger]:
+    """Loggers from ``cfg.logger``; a W&B run keeps its id across resumes."""
+    loggers: list[Logger] = []
+    for key, lcfg in (cfg.logger or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        if "Wandb" in str(lcfg._target_):
+            id_file = run_dir / "wandb_run_id.txt"
+            run_id = lcfg.get("id") or ids.get("wandb")
+            if run_id is None and id_file.is_file() and cfg.ckpt_path is not None:
+                run_id = id_file.read_text().strip()
+            if run_id is None:
+                run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+            ids["wandb"] = run_id
+            name = lcfg.get("name") or run_name(cfg)
+            loggers.append(instantiate(lcfg, id=run_id, name=name))
+        else:
+            loggers.append(instantiate(lcfg))
+        log.debug("logger %s: %s", key, type(loggers[-1]).__name__)
+    return loggers
+
+
+def build_callbacks(
+    cfg: DictConfig, run_dir: Path, ids: dict[str, str], has_logger: bool
+) -> list[pl.Callback]:
+    """Configured callbacks plus the ones every run needs (metrics.csv, RNG, run ids).
+
+    Without a logger the lr monitor is dropped (metrics.csv still records the lr)."""
+    callbacks: list[pl.Callback] = []
+    for c in (cfg.callbacks or {}).values():
+        if not c or "_target_" not in c:
+            continue
+        callback = instantiate(c)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        callbacks.append(callback)
+    callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
+    return callbacks
+
+
+# ------------------------------------------------------------------------------------ analysis
+def count_flops(net: nn.Module, dims: tuple[int, int, int]) -> tuple[int, str]:
+    """FLOPs of one forward pass on a single sample (every matmul, ConvNN search included)."""
+    was_training = net.training
+    net.eval()
+    try:
+        x = torch.zeros(1, *dims, device=next(net.parameters()).device)
+        counter = FlopCounterMode(display=False, depth=3)
+        with counter, torch.no_grad():
+            net(x)
+        lines = []
+        for module, ops in sorted(counter.get_flop_counts().items()):
+            if module == "Global" or module.count(".") > 2:
+                continue
+            for op, n in ops.items():
+                lines.append(f"  {module:<40} {op!s:<32} {n:>16,}")
+        return int(counter.get_total_flops()), "\n".join(lines)
+    finally:
+        net.train(was_training)
+
+
+def describe_model(net: nn.Module, dims: tuple[int, int, int]) -> tuple[str, dict[str, int]]:
+    """The text of ``model.txt`` and the counts that go into ``results.json``."""
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    flops, table = count_flops(net, dims)
+    text = (
+        f"{net}\n\n"
+        f"input: 1×{'×'.join(map(str, dims))}\n"
+        f"parameters: {total:,} (trainable {trainable:,})\n"
+        f"FLOPs (one forward, one sample): {flops:,} ({flops / 1e6:.2f} MFLOPs)\n\n"
+        f"FLOPs by module:\n{table}\n"
+    )
+    return text, {"params": total, "params_trainable": trainable, "flops": flops}
+
+
+def load_weights(module: nn.Module, path: str) -> dict[str, list[str]]:
+    """Load weights only (``init_from``): matching keys, shape mismatches re-initialised.
+
+    Returns the missing, unexpected and skipped (shape-mismatched) keys, which are logged.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    own = module.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in state.items() if k not in skipped}
+    result = module.load_state_dict(usable, strict=False)
+    report = {
+        "missing": sorted(k for k in result.missing_keys if k not in skipped),
+        "unexpected": sorted(result.unexpected_keys),
+        "reinitialised": sorted(skipped),
+    }
+    log.info("init_from=%s: loaded %d tensors", path, len(usable) - len(report["unexpected"]))
+    for kind, keys in report.items():
+        if keys:
+            log.warning("init_from: %d %s keys: %s", len(keys), kind, ", ".join(keys))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- run
+def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
+    """validate → instantiate → fit/test → results.json. Returns the results.
+
+    ``validate=False`` skips :func:`check_config` when the caller has just run it.
+    """
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Run directory: %s", run_dir)
+
+    if validate:
+        check_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    datamodule = build_datamodule(cfg)
+    layer = build_layer(cfg)
+    check_layer_fits(cfg.net._target_, layer, datamodule.dims)
+    datamodule.check_available()
+
+    pl.seed_everything(cfg.seed, workers=True)
+    net = build_net(cfg, layer, datamodule)
+    text, counts = describe_model(net, datamodule.dims)
+    (run_dir / "model.txt").write_text(text)
+    log.info(
+        "Model: %s params, %.2f MFLOPs per sample", f"{counts['params']:,}", counts["flops"] / 1e6
+    )
+    model = build_module(cfg, net, datamodule.num_classes)
+    if cfg.init_from is not None:
+        load_weights(model, str(cfg.init_from))
+
+    ids = _checkpoint_ids(ckpt_path)
+    loggers = build_loggers(cfg, run_dir, ids)
+    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(hparams, dict)
+    hparams["run_dir"] = str(run_dir)
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+
+    start = time.perf_counter()
+    try:
+        if not cfg.test_only:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        train_time = time.perf_counter() - start
+        best = _best_checkpoint(trainer)
+        if cfg.test_only and ckpt_path is not None:
+            best = ckpt_path
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results = _results(trainer, model, test, counts, train_time, best, run_dir)
+        if trainer.is_global_zero:
+            write_json(run_dir / "results.json", results)
+            for lg in loggers:
+                lg.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        log.info(
+            "test/acc1=%.4f test/acc5=%.4f (%s)",
+            results["test/acc1"],
+            results["test/acc5"],
+            "best checkpoint" if best else "current weights",
+        )
+        log.info("Run directory: %s", run_dir)
+        return results
+    finally:
+        if any(isinstance(lg, WandbLogger) for lg in loggers):
+            import wandb
+
+            wandb.finish()
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """Path of the best checkpoint by the monitored metric (None without one)."""
+    if trainer.fast_dev_run:
+        return None
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
+            return cb.best_model_path
+    return None
+
+
+def _results(
+    trainer: pl.Trainer,
+    model: ImageClassifier,
+    test: list[dict[str, float]],
+    counts: dict[str, int],
+    train_time: float,
+    best: str | None,
+    run_dir: Path,
+) -> dict[str, Any]:
+    metrics = test[0] if test else {}
+    best_val = model.val_acc1_best
+    return {
+        "test/acc1": float(metrics["test/acc1"]),
+        "test/acc5": float(metrics["test/acc5"]),
+        "test/loss": float(metrics["test/loss"]),
+        "val/acc1_best": float(best_val.compute()) if best_val.update_count else None,
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "train_time_s": round(train_time, 3),
+        "tested_checkpoint": best,
+        "run_dir": str(run_dir),
+        **counts,
+    }
