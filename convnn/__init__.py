@@ -20,6 +20,15 @@ from convnn.layers import (
     ConvNNBase,
     TokenMap,
 )
+from convnn.mixers import (
+    Attention2d,
+    Conv1dMixer,
+    Conv1dNNMixer,
+    KNNAttention,
+    LocalAttention,
+    MultiHeadAttention,
+    SparseAttention,
+)
 from convnn.sampling import SAMPLING_TYPES, CandidateSampler
 from convnn.shuffle import PixelShuffle1d, PixelUnshuffle1d, pixel_shuffle_1d, pixel_unshuffle_1d
 
@@ -30,10 +39,13 @@ __all__ = [
     "SAMPLING_TYPES",
     "SHUFFLE_PATTERNS",
     "SIMILARITY_TYPES",
+    "Attention2d",
     "Branching",
     "CandidateSampler",
+    "Conv1dMixer",
     "Conv1dNN",
     "Conv1dNNAttention",
+    "Conv1dNNMixer",
     "Conv1d_NN",
     "Conv1d_NN_Attn",
     "Conv2dNN",
@@ -42,8 +54,12 @@ __all__ = [
     "Conv2d_NN_Attn",
     "ConvNNAttention",
     "ConvNNBase",
+    "KNNAttention",
+    "LocalAttention",
+    "MultiHeadAttention",
     "PixelShuffle1d",
     "PixelUnshuffle1d",
+    "SparseAttention",
     "TokenMap",
     "__version__",
     "functional",

@@ -185,19 +185,18 @@ def _branching(nn_builder: Callable[[LayerFactory, int, int], nn.Module]):
 
 
 def _attention_2d(f: LayerFactory, in_channels: int, out_channels: int) -> nn.Module:
-    from convnn.mixers import Attention2d
+    from convnn import Attention2d
 
     return Attention2d(in_channels, out_channels, **_pick(f.options, _OPTIONS["attention"]))
 
 
 def _tokens(cls_name: str) -> Callable[[LayerFactory, int], nn.Module]:
-    """Token mixers live in ``convnn.mixers``; ``ConvNNAttention`` is the core's, in ``convnn``."""
+    """A builder for the token mixer ``convnn.<cls_name>`` (input (B, N, dim))."""
 
     def build(f: LayerFactory, dim: int) -> nn.Module:
         import convnn
-        from convnn import mixers
 
-        cls = getattr(mixers if cls_name in mixers.__all__ else convnn, cls_name)
+        cls = getattr(convnn, cls_name)
         kwargs = dict(f.options)
         if f.name in ("convnn", "convnn_attn"):
             kwargs.update(_sampling_kwargs(f.sampling))

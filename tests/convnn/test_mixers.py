@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import convnn
 from convnn.mixers import (
     Attention2d,
     Conv1dMixer,
@@ -205,7 +204,6 @@ def test_extra_repr_shows_hyper_parameters() -> None:
     assert "kernel_size=3" in repr(Conv1dMixer(DIM))
 
 
-@pytest.mark.skipif(not hasattr(convnn, "Conv1dNN"), reason="convnn core not merged")
 def test_conv1dnn_mixer_wraps_conv1dnn_over_tokens() -> None:
     torch.manual_seed(0)
     m = Conv1dNNMixer(DIM, K=3)

@@ -13,7 +13,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-import convnn
 from models.convnext import ConvNextMini
 from models.layers import LAYER_NAMES, IncompatibleLayerError, LayerFactory
 from models.resnet import ResNet
@@ -58,18 +57,6 @@ FITS_TOKENS = [
     "local_attention",
     "sparse_attention",
 ]
-# What each layer needs from the convnn core (another branch until the merge).
-NEEDS_CORE: dict[str, dict[str, tuple[str, ...]]] = {
-    "2d": {
-        "convnn": ("Conv2dNN",),
-        "convnn_attn": ("Conv2dNNAttention",),
-        "branching": ("Branching", "Conv2dNN"),
-        "branching_attn": ("Branching", "Conv2dNNAttention"),
-    },
-    "tokens": {"convnn": ("Conv1dNN",), "convnn_attn": ("ConvNNAttention",)},
-}
-
-
 def net_cfg(name: str) -> Any:
     return OmegaConf.load(NET_DIR / f"{name}.yaml")
 
@@ -104,10 +91,7 @@ def _pairs(compatible: bool) -> list[Any]:
         for layer in LAYER_NAMES:
             if (layer in fits) != compatible:
                 continue
-            r = "tokens" if net.startswith("vit") else "2d"
-            missing = [c for c in NEEDS_CORE[r].get(layer, ()) if not hasattr(convnn, c)]
-            marks = [pytest.mark.skipif(bool(missing), reason=f"convnn core not merged: {missing}")]
-            out.append(pytest.param(net, layer, id=f"{net}-{layer}", marks=marks))
+            out.append(pytest.param(net, layer, id=f"{net}-{layer}"))
     return out
 
 
