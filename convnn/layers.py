@@ -7,8 +7,9 @@ reshaping). ConvNN-Attention layers reuse the same base and replace only :meth:`
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -277,7 +278,7 @@ class ConvNNBase(nn.Module):
 class _ConvNNHard(ConvNNBase):
     """Hard selection (g = 1) aggregated by a Conv1d-layout filter ``weight`` (O', Cv, K)."""
 
-    def __init__(self, in_channels: int, out_channels: int, K: int = 9, **kwargs) -> None:
+    def __init__(self, in_channels: int, out_channels: int, K: int = 9, **kwargs: Any) -> None:
         super().__init__(in_channels, out_channels, K, **kwargs)
         self.weight = nn.Parameter(torch.empty(self.mix_out_channels, self.value_channels, self.K))
         self.bias = nn.Parameter(torch.empty(self.mix_out_channels))
@@ -293,6 +294,9 @@ class _ConvNNHard(ConvNNBase):
         idx = self.select_neighbors(tokens)
         return aggregate_neighbors(tokens.values, idx, self.weight, self.bias)
 
+    # help() and IDEs show the full keyword list (declared once, on ConvNNBase).
+    __init__.__signature__ = inspect.signature(ConvNNBase.__init__)  # type: ignore[attr-defined]
+
 
 class Conv1dNN(_ConvNNHard):
     """ConvNN over a sequence (B, C, T) → (B, O, T'): each token's K nearest tokens in feature
@@ -300,82 +304,12 @@ class Conv1dNN(_ConvNNHard):
 
     spatial_dims = 1
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        K: int = 9,
-        *,
-        sampling_type: str = "all",
-        num_samples: int = -1,
-        sample_padding: int = 0,
-        magnitude_type: str = "cosine",
-        padding: int = 0,
-        shuffle_pattern: str = "NA",
-        shuffle_scale: int = 1,
-        similarity_type: str = "Col",
-        aggregation_type: str = "Col",
-        lambda_param: float = 0.5,
-        eval_sampling: str = "fixed",
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            K,
-            sampling_type=sampling_type,
-            num_samples=num_samples,
-            sample_padding=sample_padding,
-            magnitude_type=magnitude_type,
-            padding=padding,
-            shuffle_pattern=shuffle_pattern,
-            shuffle_scale=shuffle_scale,
-            similarity_type=similarity_type,
-            aggregation_type=aggregation_type,
-            lambda_param=lambda_param,
-            eval_sampling=eval_sampling,
-        )
-
 
 class Conv2dNN(_ConvNNHard):
     """ConvNN over an image (B, C, H, W) → (B, O, H', W'): each pixel's K nearest pixels in
     feature space, aggregated by a learned (O, C, K) filter over their rank (SPEC §1)."""
 
     spatial_dims = 2
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        K: int = 9,
-        *,
-        sampling_type: str = "all",
-        num_samples: int = -1,
-        sample_padding: int = 0,
-        magnitude_type: str = "cosine",
-        padding: int = 0,
-        shuffle_pattern: str = "NA",
-        shuffle_scale: int = 1,
-        similarity_type: str = "Col",
-        aggregation_type: str = "Col",
-        lambda_param: float = 0.5,
-        eval_sampling: str = "fixed",
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            K,
-            sampling_type=sampling_type,
-            num_samples=num_samples,
-            sample_padding=sample_padding,
-            magnitude_type=magnitude_type,
-            padding=padding,
-            shuffle_pattern=shuffle_pattern,
-            shuffle_scale=shuffle_scale,
-            similarity_type=similarity_type,
-            aggregation_type=aggregation_type,
-            lambda_param=lambda_param,
-            eval_sampling=eval_sampling,
-        )
 
 
 Conv1d_NN = Conv1dNN
