@@ -9,7 +9,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from models.config import check_config, register_configs
+from framework.checks import check_config
+from framework.schemas import register_configs
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     """Run one job; the return value (test top-1) is what sweepers such as Optuna optimise."""
     check_config(cfg)  # fails fast, before torch and Lightning are even imported
-    from models.run import run
+    from framework.train import run
 
     return run(cfg, validate=False)["test/acc1"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers import LayerFactory
+from models.layer_factory import LayerFactory
 
 __all__ = ["LAYER_NORMS", "ConvNextBlock", "ConvNextMini", "lecture_layer_norm"]
 

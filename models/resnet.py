@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.layers import LayerFactory
+from models.layer_factory import LayerFactory
 
 __all__ = ["RESNET_DEPTHS", "BasicBlock", "ResNet", "conv3x3"]
 

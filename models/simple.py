@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.layers import LayerFactory
+from models.layer_factory import LayerFactory
 
 __all__ = ["SimpleNet"]
 

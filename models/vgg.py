@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.layers import LayerFactory
+from models.layer_factory import LayerFactory
 
 __all__ = ["VGG", "VGG_CONFIGS", "vgg_features"]
 

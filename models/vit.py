@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.layers import LayerFactory
+from models.layer_factory import LayerFactory
 
 __all__ = ["MLP", "POS_EMBEDDINGS", "TransformerBlock", "ViT", "sinusoidal_positions"]
 

@@ -113,7 +113,7 @@ def test_token_mixer_equals_sdpa(num_heads: int) -> None:
 
 
 def test_token_mixer_accepts_layer_factory_keywords() -> None:
-    from models.layers import LayerFactory
+    from models.layer_factory import LayerFactory
 
     factory = LayerFactory("convnn_attn", K=5, num_heads=2)
     mixer = factory.token_mixer(8)

@@ -59,7 +59,7 @@ def test_1d_branches() -> None:
 
 
 def test_layer_factory_branching() -> None:
-    from models.layers import LayerFactory
+    from models.layer_factory import LayerFactory
 
     layer = LayerFactory("branching", branch_ratio=0.5, padding=1).conv2d(3, 8)
     assert isinstance(layer, Branching) and isinstance(layer.first, Conv2dNN)

@@ -301,7 +301,7 @@ def test_aliases_for_magnitude_accepted() -> None:
 
 
 def test_layer_factory_builds_and_runs() -> None:
-    from models.layers import LayerFactory
+    from models.layer_factory import LayerFactory
 
     factory = LayerFactory("convnn", sampling={"type": "random", "num_samples": 8}, padding=1)
     layer = factory.conv2d(3, 6)

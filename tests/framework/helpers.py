@@ -14,8 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import models.config  # noqa: F401  (registers the schemas)
+from framework.schemas import register_configs
 
+register_configs()
 ROOT = Path(__file__).resolve().parents[2]
 CFG_DIR = str(ROOT / "cfg")
 

@@ -9,8 +9,8 @@ import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from models.config import ConfigError, check_config, check_layer_fits
-from models.layers import LayerFactory
+from framework.checks import ConfigError, check_config, check_layer_fits
+from models.layer_factory import LayerFactory
 
 from .helpers import CFG_DIR, ROOT, compose_cfg, main_cmd
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.layers import LayerFactory
+from framework.schedulers import WarmupCosine
+from models.layer_factory import LayerFactory
 from models.module import ImageClassifier, param_groups
-from models.schedulers import WarmupCosine
 from models.simple import SimpleNet
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.run import load_weights, run
+from framework.inspect import load_weights
+from framework.train import run
 
 from .helpers import ROOT, TINY, compose_cfg, main_cmd, run_main
 
@@ -84,7 +85,7 @@ def test_init_from_partial_load_and_test_only(tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY, "dataset=fake", "dataset.channels=1", "dataset.image_size=8",
                        "dataset.num_classes=5", f"init_from={ckpt}", "trainer.max_epochs=1",
                        "dataset.train_size=64", "dataset.test_size=16"], out=tmp_path / "ft")
-    from models.run import build_datamodule, build_layer, build_module, build_net
+    from framework.train import build_datamodule, build_layer, build_module, build_net
 
     dm = build_datamodule(cfg)
     module = build_module(cfg, build_net(cfg, build_layer(cfg), dm), dm.num_classes)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from models.convnext import ConvNextMini
-from models.layers import LAYER_NAMES, IncompatibleLayerError, LayerFactory
+from models.layer_factory import LAYER_NAMES, IncompatibleLayerError, LayerFactory
 from models.resnet import ResNet
 from models.vgg import VGG, VGG_CONFIGS
 from models.vit import ViT
