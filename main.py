@@ -9,8 +9,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from framework.checks import check_config
 from framework.schemas import register_configs
+from framework.train import run
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="cfg", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one job; the return value (test top-1) is what sweepers such as Optuna optimise."""
-    check_config(cfg)  # fails fast, before torch and Lightning are even imported
-    from framework.train import run
-
-    return run(cfg, validate=False)["test/acc1"]
+    return run(cfg)["test/acc1"]
 
 
 if __name__ == "__main__":

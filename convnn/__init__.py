@@ -29,6 +29,14 @@ from convnn.mixers import (
     MultiHeadAttention,
     SparseAttention,
 )
+from convnn.registry import (
+    LAYERS,
+    SAMPLING_KEYWORDS,
+    Conv2dSame,
+    LayerSpec,
+    constructor_keywords,
+    layer_options,
+)
 from convnn.sampling import SAMPLING_TYPES, CandidateSampler
 from convnn.shuffle import PixelShuffle1d, PixelUnshuffle1d, pixel_shuffle_1d, pixel_unshuffle_1d
 
@@ -36,6 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATION_TYPES",
+    "LAYERS",
+    "SAMPLING_KEYWORDS",
     "SAMPLING_TYPES",
     "SHUFFLE_PATTERNS",
     "SIMILARITY_TYPES",
@@ -50,11 +60,13 @@ __all__ = [
     "Conv1d_NN_Attn",
     "Conv2dNN",
     "Conv2dNNAttention",
+    "Conv2dSame",
     "Conv2d_NN",
     "Conv2d_NN_Attn",
     "ConvNNAttention",
     "ConvNNBase",
     "KNNAttention",
+    "LayerSpec",
     "LocalAttention",
     "MultiHeadAttention",
     "PixelShuffle1d",
@@ -62,7 +74,9 @@ __all__ = [
     "SparseAttention",
     "TokenMap",
     "__version__",
+    "constructor_keywords",
     "functional",
+    "layer_options",
     "pixel_shuffle_1d",
     "pixel_unshuffle_1d",
 ]

@@ -43,6 +43,13 @@ class Branching(nn.Module):
         self.branch_ratio = float(branch_ratio)
         self.first_channels = round(self.branch_ratio * out_channels)
         self.second_channels = out_channels - self.first_channels
+        if 0.0 < self.branch_ratio < 1.0 and 0 in (self.first_channels, self.second_channels):
+            empty = "first" if self.first_channels == 0 else "second"
+            raise ValueError(
+                f"branch_ratio={branch_ratio!r} leaves the {empty} branch with 0 of "
+                f"{out_channels} channels; use 0 or 1 for a single branch, or a ratio that gives "
+                "each branch at least one channel"
+            )
         self.first = first(in_channels, self.first_channels) if self.first_channels else None
         self.second = second(in_channels, self.second_channels) if self.second_channels else None
         self.pointwise = nn.Conv2d(out_channels, out_channels, kernel_size=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,9 +46,17 @@ class CIFAR10DataModule(BaseDataModule):
 
     def prepare_data(self) -> None:
         """Download once (rank 0) when allowed."""
-        if self.download:
+        if not self.download:
+            return
+        try:
             self.dataset_cls(self.root, train=True, download=True)
             self.dataset_cls(self.root, train=False, download=True)
+        except (urllib.error.URLError, OSError) as err:
+            raise DataError(
+                f"dataset.download=true but fetching {self.name} into {self.root} failed: {err}. "
+                f"Without network access, copy the extracted {self.folder}/ folder into "
+                f"{self.root} (dataset.root) and set dataset.download=false."
+            ) from None
 
     def build_train(self, transform: Any) -> Dataset:
         """The official training batches."""

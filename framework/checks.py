@@ -1,40 +1,49 @@
-"""Start-up validation: cross-field and range checks on the composed config.
+"""Start-up validation: everything a user can set is checked before any data, logger, run-directory
+file or checkpoint is touched.
 
-:func:`check_config` runs once, before any data is touched, and raises :class:`ConfigError` with a
-one-paragraph message naming the key, the bad value and what is allowed.
+:func:`check_config` runs the value checks that need no model (ranges, choices, metrics, files).
+:func:`validate` then builds the network and runs a one-sample shape probe, so every layer sees
+its real input size: a layer that does not fit its stage fails here, with the config keys named,
+instead of at the first training step. Only our own validation errors become :class:`ConfigError`;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import os
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import CompactHydraException
-from hydra.utils import get_class
+import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from convnn import ConvNNBase
+from datamodules.base import BaseDataModule
+from framework.build import build_datamodule, build_layer, build_net, net_name, user_error
+from framework.errors import ConfigError
+from models.layer_factory import LayerFactory
+from models.module import CRITERIA, LOGGED_METRICS
 
 __all__ = [
     "ConfigError",
+    "Startup",
+    "check_checkpoint",
     "check_config",
-    "check_layer_fits",
+    "probe",
     "resolve_ckpt_path",
+    "validate",
     "world_size",
 ]
 
+log = logging.getLogger(__name__)
 
-class ConfigError(CompactHydraException, ValueError):
-    """Invalid configuration; Hydra prints only the message (no traceback) and exits with 1."""
-
-
-# ---------------------------------------------------------------------------------- validation
-MAGNITUDE_TYPES = ("cosine", "similarity", "euclidean", "distance", "matmul", "dot")
-SIMILARITY_TYPES = ("Col", "Loc", "Loc_Col")
-AGGREGATION_TYPES = ("Col", "Loc_Col")
-SHUFFLE_PATTERNS = ("NA", "B", "A", "BA")
-CONVOLUTION_TYPES = ("standard", "depthwise", "depthwise-separable")
-SAMPLING_TYPES = ("all", "random", "spatial")
-EVAL_MODES = ("fixed", "random")
 PRECISIONS = (
     "32-true",
     "32",
@@ -49,36 +58,55 @@ PRECISIONS = (
     "transformer-engine",
     "transformer-engine-float16",
 )
-CRITERIA = ("cross_entropy", "mse")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+SEED_MAX = 2**32 - 1  # numpy's seed range, which seed_everything must fit
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"Invalid configuration: {key}={value!r} — {allowed}.")
 
 
-def _int(cfg: Any, key: str, prefix: str, low: int | None = None) -> int:
-    value = cfg[key]
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+        isinstance(value, float) and math.isnan(value)
+    )
+
+
+def _int(node: Any, key: str, prefix: str, low: int | None = None, high: int | None = None) -> int:
+    value = node[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(f"{prefix}{key}", value, "expected an integer")
-    if low is not None and value < low:
-        raise _fail(f"{prefix}{key}", value, f"must be an integer ≥ {low}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+        raise _fail(f"{prefix}{key}", value, f"must be an integer {bounds}")
     return value
 
 
-def _number(cfg: Any, key: str, prefix: str, low: float, high: float, closed: bool = True) -> float:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _number(
+    node: Any,
+    key: str,
+    prefix: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    value = node[key]
+    if not _is_number(value):
         raise _fail(f"{prefix}{key}", value, "expected a number")
-    ok = low <= value <= high if closed else low <= value < high
-    if not ok or math.isnan(value):
-        bracket = "]" if closed else ")"
-        raise _fail(f"{prefix}{key}", value, f"must be in [{low}, {high}{bracket}")
+    ok = (low < value if low_open else low <= value) and (
+        value < high if high_open else value <= high
+    )
+    if not ok:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise _fail(f"{prefix}{key}", value, f"must be in {left}{low}, {high}{right}")
     return float(value)
 
 
-def _choice(cfg: Any, key: str, prefix: str, choices: tuple[str, ...]) -> str:
-    value = cfg[key]
+def _choice(node: Any, key: str, prefix: str, choices: tuple[str, ...]) -> str:
+    value = node[key]
     if value not in choices:
         raise _fail(f"{prefix}{key}", value, f"allowed values are {', '.join(choices)}")
     return value
@@ -95,118 +123,130 @@ def world_size(trainer: Any) -> int:
     if isinstance(devices, int) and devices > 0:
         return devices * nodes
     accelerator = str(trainer.accelerator)
-    if accelerator in ("gpu", "cuda", "auto"):
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.device_count() * nodes
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count() * nodes
     return nodes
 
 
-def _check_layer(layer: Any, sampling: Any) -> None:
-    p = "layer."
-    opts = set(layer.keys())
-    if "K" in opts:
-        _int(layer, "K", p, 1)
-    if "magnitude_type" in opts:
-        _choice(layer, "magnitude_type", p, MAGNITUDE_TYPES)
-    if "similarity_type" in opts:
-        _choice(layer, "similarity_type", p, SIMILARITY_TYPES)
-    if "aggregation_type" in opts:
-        _choice(layer, "aggregation_type", p, AGGREGATION_TYPES)
-    if "lambda_param" in opts:
-        _number(layer, "lambda_param", p, 0.0, 1.0)
-    if "shuffle_pattern" in opts:
-        _choice(layer, "shuffle_pattern", p, SHUFFLE_PATTERNS)
-    if "shuffle_scale" in opts:
-        _int(layer, "shuffle_scale", p, 1)
-    if "padding" in opts:
-        _int(layer, "padding", p, 0)
-    if "kernel_size" in opts:
-        k = _int(layer, "kernel_size", p, 1)
-        if k % 2 == 0:
-            raise _fail("layer.kernel_size", k, "must be odd so the layer keeps H×W")
-    if "branch_ratio" in opts:
-        _number(layer, "branch_ratio", p, 0.0, 1.0)
-    if "num_heads" in opts:
-        _int(layer, "num_heads", p, 1)
-    if "attention_dropout" in opts:
-        _number(layer, "attention_dropout", p, 0.0, 1.0, closed=False)
-    if "convolution_type" in opts:
-        _choice(layer, "convolution_type", p, CONVOLUTION_TYPES)
-    if "window_size" in opts:
-        _int(layer, "window_size", p, 1)
-    if "stride" in opts:
-        _int(layer, "stride", p, 1)
-    uses_sampling = "sampling" in opts
-    if not uses_sampling:
-        return
-    s = "sampling."
-    kind = _choice(sampling, "type", s, SAMPLING_TYPES)
-    _choice(sampling, "eval_mode", s, EVAL_MODES)
-    _int(sampling, "sample_padding", s, 0)
-    k = int(layer.K)
-    if kind == "random":
-        m = _int(sampling, "num_samples", s, 1)
-        if k - 1 > m:
-            raise ConfigError(
-                f"Invalid configuration: sampling.num_samples={m} with layer.K={k} — random "
-                f"sampling must draw at least K−1={k - 1} candidates (self is slot 0); raise "
-                f"sampling.num_samples to ≥ {k - 1} or lower layer.K."
-            )
-    elif kind == "spatial":
-        n = _int(sampling, "num_samples", s, 1)
-        if k - 1 > n * n:
-            raise ConfigError(
-                f"Invalid configuration: sampling.num_samples={n} with layer.K={k} — the spatial "
-                f"grid has {n}×{n}={n * n} candidates but K−1={k - 1} are needed; raise "
-                "sampling.num_samples or lower layer.K."
-            )
-
-
-def _check_path(value: Any, key: str) -> None:
-    if value is not None and not Path(str(value)).is_file():
-        raise _fail(key, value, "no such file; give the path of an existing checkpoint")
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Cross-field and range checks on the composed config (no data, no model)."""
-    _int(cfg, "seed", "", 0)
-    _choice(cfg, "criterion", "", CRITERIA)
-    _number(cfg, "label_smoothing", "", 0.0, 1.0, closed=False)
-    _check_layer(cfg.layer, cfg.sampling)
-
-    d = cfg.dataset
-    batch = _int(d, "batch_size", "dataset.", 1)
-    _int(d, "num_workers", "dataset.", 0)
+# ------------------------------------------------------------------------------ value checks
+def _check_dataset(d: Any) -> int:
+    p = "dataset."
+    batch = _int(d, "batch_size", p, 1)
+    _int(d, "num_workers", p, 0)
     if d.resize is not None:
-        _int(d, "resize", "dataset.", 1)
-    _number(d, "noise", "dataset.", 0.0, math.inf)
-    val = _number(d, "val_split", "dataset.", 0.0, 1.0, closed=False)
-    if val <= 0:
+        _int(d, "resize", p, 1)
+    _number(d, "noise", p, 0.0, math.inf)
+    val = d.val_split
+    if not _is_number(val) or not 0 < val < 1:
         raise _fail(
             "dataset.val_split",
             val,
-            "must be in (0, 1): model selection needs a "
-            "validation hold-out and never uses the test set",
+            "must be in (0, 1): model selection needs a validation hold-out and never uses the "
+            "test set",
+        )
+    if "test_split" in d:
+        _number(d, "test_split", p, 0.0, 1.0, low_open=True, high_open=True)
+        if d.val_split + d.test_split >= 1:
+            raise ConfigError(
+                f"Invalid configuration: dataset.val_split={d.val_split} + dataset.test_split="
+                f"{d.test_split} leaves no training data; keep their sum below 1."
+            )
+    if "num_classes" in d:
+        _int(d, "num_classes", p, 2)
+    for key in ("train_size", "test_size", "channels", "image_size"):
+        if key in d:
+            _int(d, key, p, 1)
+    return batch
+
+
+def _check_optimizer(o: Any) -> None:
+    p = "optimizer."
+    if not _is_number(o.lr) or o.lr <= 0:
+        raise _fail("optimizer.lr", o.lr, "must be a positive number")
+    _number(o, "weight_decay", p, 0.0, math.inf)
+    if "betas" in o:
+        betas = list(o.betas)
+        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+            raise _fail("optimizer.betas", betas, "must be two numbers in [0, 1)")
+    if "eps" in o:
+        _number(o, "eps", p, 0.0, math.inf, low_open=True)
+    if "momentum" in o:
+        _number(o, "momentum", p, 0.0, math.inf)
+        _number(o, "dampening", p, 0.0, 1.0)
+        if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
+            raise ConfigError(
+                f"Invalid configuration: optimizer.nesterov=true needs optimizer.momentum > 0 "
+                f"and optimizer.dampening=0 (got {o.momentum} and {o.dampening})."
+            )
+
+
+def _check_scheduler(s: Any) -> None:
+    p = "scheduler."
+    _choice(s, "interval", p, ("epoch", "step"))
+    if "step_size" in s:
+        _int(s, "step_size", p, 1)
+    if "gamma" in s:
+        _number(s, "gamma", p, 0.0, math.inf, low_open=True)
+    if "T_max" in s:
+        _int(s, "T_max", p, 1)
+    if "eta_min" in s:
+        _number(s, "eta_min", p, 0.0, math.inf)
+    if "warmup_epochs" in s:
+        _number(s, "warmup_epochs", p, 0.0, math.inf)
+    if "min_lr_ratio" in s:
+        _number(s, "min_lr_ratio", p, 0.0, 1.0)
+    if "factor" in s:
+        _number(s, "factor", p, 0.0, 1.0, low_open=True, high_open=True)
+    if "patience" in s:
+        _int(s, "patience", p, 0)
+    if "mode" in s:
+        mode = _choice(s, "mode", p, ("min", "max"))
+        monitor = s.monitor
+        if monitor not in LOGGED_METRICS:
+            raise _fail(
+                "scheduler.monitor",
+                monitor,
+                f"must be a metric the module logs: {', '.join(LOGGED_METRICS)}",
+            )
+        wanted = "min" if str(monitor).endswith("loss") else "max"
+        if mode != wanted:
+            raise ConfigError(
+                f"Invalid configuration: scheduler.mode={mode!r} with scheduler.monitor="
+                f"{monitor!r} would reduce the lr while the metric improves; use mode={wanted}."
+            )
+    elif s.get("monitor") is not None and s.monitor not in LOGGED_METRICS:
+        raise _fail(
+            "scheduler.monitor", s.monitor, f"must be one of {', '.join(LOGGED_METRICS)}"
         )
 
-    o = cfg.optimizer
-    if o.lr is None or not isinstance(o.lr, (int, float)) or o.lr <= 0:
-        raise _fail("optimizer.lr", o.lr, "must be a positive number")
-    if o.weight_decay < 0:
-        raise _fail("optimizer.weight_decay", o.weight_decay, "must be ≥ 0")
-    if cfg.scheduler.get("interval") not in ("epoch", "step"):
-        raise _fail("scheduler.interval", cfg.scheduler.get("interval"), "use epoch or step")
 
-    t = cfg.trainer
-    _choice(t, "precision", "trainer.", PRECISIONS)
-    _choice(t, "accelerator", "trainer.", ACCELERATORS)
+def _check_trainer(t: Any, batch: int) -> None:
+    p = "trainer."
+    _choice(t, "precision", p, PRECISIONS)
+    _choice(t, "accelerator", p, ACCELERATORS)
     if t.max_epochs != -1:
-        _int(t, "max_epochs", "trainer.", 1)
-    _int(t, "num_nodes", "trainer.", 1)
-    if t.gradient_clip_val is not None and float(t.gradient_clip_val) < 0:
-        raise _fail("trainer.gradient_clip_val", t.gradient_clip_val, "must be ≥ 0 or null")
+        _int(t, "max_epochs", p, 1)
+    _int(t, "num_nodes", p, 1)
+    _int(t, "accumulate_grad_batches", p, 1)
+    _int(t, "check_val_every_n_epoch", p, 1)
+    _int(t, "log_every_n_steps", p, 1)
+    if t.gradient_clip_val is not None:
+        _number(t, "gradient_clip_val", p, 0.0, math.inf)
+    _choice(t, "gradient_clip_algorithm", p, ("norm", "value"))
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = t[key]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not (
+            (isinstance(value, int) and value >= 0)
+            or (isinstance(value, float) and 0.0 <= value <= 1.0)
+        ):
+            raise _fail(
+                f"trainer.{key}", value, "must be a batch count ≥ 0 or a fraction in [0.0, 1.0]"
+            )
+    devices = t.devices
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise _fail("trainer.devices", devices, "must be ≥ 1, -1 (all), 'auto' or a list")
     world = world_size(t)
     if batch % world:
         raise ConfigError(
@@ -214,6 +254,60 @@ def check_config(cfg: DictConfig) -> None:
             f"must be divisible by the world size {world} (trainer.devices × "
             f"trainer.num_nodes); use a multiple of {world}."
         )
+
+
+def _check_wandb(cfg: DictConfig) -> None:
+    """An online W&B logger needs credentials; without them wandb would prompt or crash later."""
+    for lcfg in (cfg.logger or {}).values():
+        if lcfg is None or "Wandb" not in str(lcfg.get("_target_", "")):
+            continue
+        offline = bool(lcfg.get("offline", False)) or os.environ.get("WANDB_MODE") in (
+            "offline",
+            "disabled",
+            "dryrun",
+        )
+        if offline or os.environ.get("WANDB_API_KEY"):
+            return
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+            return
+        raise ConfigError(
+            "Invalid configuration: logger=wandb is online but no W&B credentials were found "
+            "(WANDB_API_KEY unset, no api.wandb.ai entry in ~/.netrc). Run `wandb login`, set "
+            "WANDB_API_KEY, or log offline with logger.wandb.offline=true (sync later with "
+            "`wandb sync`)."
+        )
+
+
+def _check_unknown_keys(node: Any, prefix: str = "") -> None:
+    """Keys a schema does not declare (``+typo=...`` bypasses Hydra's struct check) are errors."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in node:
+            if key not in known:
+                raise ConfigError(
+                    f"Invalid configuration: {prefix}{key} is not a key of "
+                    f"{prefix.rstrip('.') or 'the root config'}; valid keys are "
+                    f"{', '.join(sorted(k for k in known if not k.startswith('_')))}."
+                )
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_unknown_keys(child, f"{prefix}{key}.")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks on the composed config that need no model (ranges, choices, files)."""
+    _check_unknown_keys(cfg)
+    _int(cfg, "seed", "", 0, SEED_MAX)
+    _choice(cfg, "criterion", "", CRITERIA)
+    _number(cfg, "label_smoothing", "", 0.0, 1.0, high_open=True)
+    batch = _check_dataset(cfg.dataset)
+    _check_optimizer(cfg.optimizer)
+    _check_scheduler(cfg.scheduler)
+    _check_trainer(cfg.trainer, batch)
+    _check_wandb(cfg)
 
     resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))
     _check_path(cfg.init_from, "init_from")
@@ -226,36 +320,9 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
-def check_layer_fits(net_target: str, layer: Any, dims: tuple[int, int, int]) -> None:
-    """The backbone's ``LAYER_ROLE`` must be one the layer can fill, and K ≤ tokens."""
-    from models.layer_factory import IncompatibleLayerError
-
-    cls = get_class(net_target)
-    role = getattr(cls, "LAYER_ROLE", None)
-    if role not in ("2d", "tokens"):
-        raise ConfigError(
-            f"Invalid configuration: net._target_={net_target} has LAYER_ROLE={role!r}; "
-            "backbones must declare LAYER_ROLE = '2d' or 'tokens'."
-        )
-    try:
-        if role == "2d" and not layer.supports_2d:
-            layer.conv2d(1, 1)
-        if role == "tokens" and not layer.supports_tokens:
-            layer.token_mixer(1)
-    except IncompatibleLayerError as err:
-        raise ConfigError(f"Invalid configuration: {err} (net={cls.__name__}).") from None
-    opts = layer.options
-    if role == "2d" and layer.sampling.get("type") == "all" and "K" in opts:
-        pad = int(opts.get("padding", 0))
-        scale = (
-            int(opts.get("shuffle_scale", 1)) if opts.get("shuffle_pattern") in ("B", "BA") else 1
-        )
-        tokens = (dims[1] + 2 * pad) * (dims[2] + 2 * pad) // (scale * scale)
-        if int(opts["K"]) > tokens:
-            raise ConfigError(
-                f"Invalid configuration: layer.K={opts['K']} exceeds the {tokens} candidate "
-                f"tokens of a {dims[1]}×{dims[2]} input (padding {pad}); use layer.K ≤ {tokens}."
-            )
+def _check_path(value: Any, key: str) -> None:
+    if value is not None and not Path(str(value)).is_file():
+        raise _fail(key, value, "no such file; give the path of an existing checkpoint")
 
 
 def resolve_ckpt_path(ckpt_path: Any, run_dir: Path) -> str | None:
@@ -273,3 +340,161 @@ def resolve_ckpt_path(ckpt_path: Any, run_dir: Path) -> str | None:
         return str(path)
     _check_path(ckpt_path, "ckpt_path")
     return str(ckpt_path)
+
+
+# --------------------------------------------------------------------------------- the probe
+def _shape(x: Any) -> str:
+    return "×".join(map(str, x.shape[1:])) if isinstance(x, Tensor) else type(x).__name__
+
+
+def probe(net: nn.Module, dims: tuple[int, int, int], cfg: DictConfig) -> dict[str, tuple]:
+    """Run one sample through ``net`` (eval, no grad); a layer that rejects its input size raises
+    :class:`ConfigError` naming the module path, its input shape and the config keys.
+
+    Returns the input shape each ConvNN layer saw (module path → shape without the batch).
+    """
+    stack: list[tuple[str, nn.Module, Any]] = []
+    seen: dict[str, tuple] = {}
+    handles = []
+
+    def pre(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            stack.append((name, module, x))
+            if isinstance(module, ConvNNBase) and isinstance(x, Tensor):
+                seen[name] = tuple(x.shape[1:])
+
+        return hook
+
+    def post(module: nn.Module, args: tuple, out: Any) -> None:
+        stack.pop()
+
+    for name, module in net.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post))
+    was_training = net.training
+    net.eval()
+    x = torch.randn(1, *dims, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            net(x)
+    except ValueError as err:
+        where = ""
+        if stack:
+            name, module, inp = stack[-1]
+            where = f"; in `{name}` ({type(module).__name__}) on a {_shape(inp)} input"
+        raise user_error(cfg, err, where) from None
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return seen
+
+
+def _warn_sampling_fallback(net: nn.Module, seen: dict[str, tuple], cfg: DictConfig) -> None:
+    """``sampling.num_samples`` at least the tokens of a layer means ``all`` there: say so once."""
+    for name, module in net.named_modules():
+        if not isinstance(module, ConvNNBase) or name not in seen:
+            continue
+        kind = module.sampling_type
+        spatial = [s + 2 * module.padding for s in seen[name][1:]]
+        if module.unshuffle_before:
+            spatial = [s // module.shuffle_scale for s in seen[name][1:]]
+            spatial = [s + 2 * module.padding for s in spatial]
+        tokens = math.prod(spatial)
+        n = module.num_samples
+        if (kind == "random" and n >= tokens) or (kind == "spatial" and n >= min(spatial)):
+            log.warning(
+                "sampling.num_samples=%d covers every candidate of `%s` (%s map, %d tokens): "
+                "sampling=%s behaves like sampling=all there.",
+                n,
+                name,
+                "×".join(map(str, spatial)),
+                tokens,
+                kind,
+            )
+
+
+# -------------------------------------------------------------------------------- checkpoints
+def check_checkpoint(path: str, key: str, net: nn.Module, name: str, *, strict: bool) -> None:
+    """Read checkpoint ``path`` and check it holds weights for ``net`` (network ``name``).
+
+    ``strict``: every tensor of the module must be present with the same shape (resume,
+    ``test_only``); otherwise at least one must match (``init_from`` fine-tuning). Returns the
+    checkpoint's state dict.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ConfigError(
+            f"Invalid configuration: {key}={path!r} is not a readable checkpoint ({err}). It may "
+            "be truncated by an interrupted copy or write; use another checkpoint (e.g. the best "
+            "one in checkpoints/) or drop the key."
+        ) from None
+    except Exception as err:  # unpickling arbitrary files raises many exception types
+        if type(err).__module__.startswith(("pickle", "_pickle")):
+            raise ConfigError(
+                f"Invalid configuration: {key}={path!r} is not a checkpoint ({err})."
+            ) from None
+        raise
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(
+            f"Invalid configuration: {key}={path!r} holds no state dict of tensors; give a "
+            "Lightning checkpoint (.ckpt) or a saved state_dict."
+        )
+    own = {f"net.{k}": v for k, v in net.state_dict().items()}
+    missing = [k for k in own if k not in state]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    matching = len(own) - len(missing) - len(mismatched)
+    if (strict and (missing or mismatched)) or matching == 0:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+        if mismatched:
+            k = mismatched[0]
+            detail.append(
+                f"{len(mismatched)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
+                f"checkpoint, {tuple(own[k].shape)} here)"
+            )
+        why = "; ".join(detail) or "no tensor matches"
+        raise ConfigError(
+            f"Invalid configuration: {key}={path!r} was saved for another network than "
+            f"net={name} with this layer config: {why}. Use the net/layer overrides of the run "
+            "that wrote it."
+        )
+
+
+# --------------------------------------------------------------------------------- start-up
+@dataclass
+class Startup:
+    """What validation built and checked, reused by the run (nothing is built twice)."""
+
+    datamodule: BaseDataModule
+    layer: LayerFactory
+    net: nn.Module
+    ckpt_path: str | None
+
+
+def validate(cfg: DictConfig) -> Startup:
+    """All start-up checks, in order of cost: values, then the network and its shape probe.
+
+    Seeds before the network is built, so its initial weights are the seed's.
+    """
+    check_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))
+    datamodule = build_datamodule(cfg)
+    layer = build_layer(cfg)
+    datamodule.check_available()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    net = build_net(cfg, layer, datamodule.dims, datamodule.num_classes)
+    seen = probe(net, datamodule.dims, cfg)
+    _warn_sampling_fallback(net, seen, cfg)
+    name = net_name(cfg)
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, "ckpt_path", net, name, strict=True)
+    if cfg.init_from is not None:
+        check_checkpoint(str(cfg.init_from), "init_from", net, name, strict=bool(cfg.test_only))
+    log.info("Config checked: %s built and probed on a %s input", net_name(cfg), datamodule.dims)
+    return Startup(datamodule=datamodule, layer=layer, net=net, ckpt_path=ckpt_path)

@@ -2,24 +2,110 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import collections.abc
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-__all__ = ["SCHEMAS", "RootConf", "register_configs"]
+from convnn import LAYERS, SAMPLING_KEYWORDS, ConvNNBase, constructor_keywords, layer_options
+from models.convnext import ConvNextMini
+from models.resnet import ResNet
+from models.simple import SimpleNet
+from models.vgg import VGG
+from models.vit import ViT
+
+__all__ = [
+    "BACKBONES",
+    "SCHEMAS",
+    "RootConf",
+    "layer_schema",
+    "net_schema",
+    "register_configs",
+]
 
 
 # ------------------------------------------------------------------------------------- schemas
-@dataclass
-class SamplingConf:
-    """Candidate selection of ConvNN layers (SPEC §1.2)."""
+def _field_type(annotation: Any) -> Any:
+    """An OmegaConf-compatible field type for a constructor annotation (``Any`` if none fits)."""
+    if annotation in (int, float, str, bool):
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple, collections.abc.Sequence) and args and args[0] in (int, float, str):
+        return list[args[0]]  # type: ignore[valid-type]
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and _field_type(rest[0]) is not Any:
+            return _field_type(rest[0]) | None
+    return Any
 
-    type: str = "all"
-    num_samples: int = -1
-    sample_padding: int = 0
-    eval_mode: str = "fixed"
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return field(default_factory=lambda v=list(value): list(v))
+    return value
+
+
+def schema_from_signature(
+    name: str,
+    cls: type,
+    keywords: dict[str, Any],
+    head: list[tuple[str, Any, Any]],
+) -> type:
+    """A dataclass schema: the ``head`` fields, then ``keywords`` typed by ``cls.__init__``."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple[str, Any, Any]] = list(head)
+    for key, default in keywords.items():
+        fields.append((key, _field_type(hints.get(key, Any)), _default(default)))
+    return make_dataclass(name, fields)
+
+
+def layer_schema(name: str) -> type:
+    """``layer=<name>``: the factory target, the kind, and the constructors' options."""
+    head: list[tuple[str, Any, Any]] = [
+        ("_target_", str, "models.layer_factory.LayerFactory"),
+        ("name", str, name),
+    ]
+    if LAYERS[name].uses_sampling:
+        head.append(("sampling", Any, "${sampling}"))
+    hints: dict[str, Any] = {}
+    for cls in LAYERS[name].classes():
+        hints.update(typing.get_type_hints(cls.__init__))
+    options = layer_options(name)
+    fields = head + [
+        (k, _field_type(hints.get(k, Any)), _default(v)) for k, v in options.items()
+    ]
+    return make_dataclass(f"Layer_{name}", fields)
+
+
+def net_schema(cls: type) -> type:
+    """``net=...`` for backbone ``cls``: a partial of ``cls`` with its architecture keywords."""
+    keywords = {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if k not in _NET_STRUCTURAL and p.default is not p.empty
+    }
+    head: list[tuple[str, Any, Any]] = [
+        ("_target_", str, f"{cls.__module__}.{cls.__qualname__}"),
+        ("_partial_", bool, True),
+    ]
+    return schema_from_signature(f"Net_{cls.__name__}", cls, keywords, head)
+
+
+# Arguments the framework passes to every backbone (from the data), never set in ``net``.
+_NET_STRUCTURAL = frozenset({"self", "layer", "in_channels", "num_classes", "image_size"})
+BACKBONES: tuple[type, ...] = (SimpleNet, VGG, ResNet, ViT, ConvNextMini)
+
+SamplingConf = schema_from_signature(
+    "SamplingConf",
+    ConvNNBase,
+    {k: v for k, v in constructor_keywords(ConvNNBase).items() if k in SAMPLING_KEYWORDS},
+    [],
+)
 
 
 @dataclass
@@ -189,7 +275,7 @@ class RootConf:
 
     net: Any = MISSING
     layer: Any = MISSING
-    sampling: SamplingConf = field(default_factory=SamplingConf)
+    sampling: Any = field(default_factory=SamplingConf)
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     dataset: Any = MISSING
@@ -227,12 +313,17 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register_configs() -> None:
-    """Register the schemas: ``config_schema`` and ``schema/<group>/<name>``."""
+    """Register the schemas: ``config_schema`` and ``schema/<group>/<name>``.
+
+    Layer schemas are ``schema/layer/<kind>``; net schemas ``schema/net/<class name>``.
+    """
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=RootConf)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-
+    for name in LAYERS:
+        cs.store(group="schema/layer", name=name, node=layer_schema(name))
+    for cls in BACKBONES:
+        cs.store(group="schema/net", name=cls.__name__, node=net_schema(cls))
+    cs.store(group="schema/sampling", name="sampling", node=SamplingConf)

@@ -17,14 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from datamodules.base import BaseDataModule
+from framework.build import build_module
 from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
-from framework.checks import ConfigError, check_config, check_layer_fits, resolve_ckpt_path
+from framework.checks import validate
 from framework.inspect import describe_model, load_weights
-from models.layer_factory import LayerFactory
 from models.module import ImageClassifier
 
 __all__ = ["run", "write_json"]
@@ -38,56 +37,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------ building
-def build_datamodule(cfg: DictConfig) -> BaseDataModule:
-    """Instantiate the datamodule (touches no data)."""
-    try:
-        return instantiate(cfg.dataset, seed=cfg.seed)
-    except TypeError as err:
-        raise ConfigError(f"Invalid configuration: dataset={cfg.dataset.name}: {err}.") from None
-
-
-def build_layer(cfg: DictConfig) -> LayerFactory:
-    """Instantiate the layer factory; its option errors become configuration errors."""
-    try:
-        return instantiate(cfg.layer, _convert_="all")
-    except Exception as err:
-        cause = err.__cause__ if err.__cause__ is not None else err
-        raise ConfigError(f"Invalid configuration: {cause}.") from None
-
-
-def build_net(cfg: DictConfig, layer: LayerFactory, dm: BaseDataModule) -> nn.Module:
-    """``instantiate(cfg.net)(layer=..., in_channels=C, num_classes=K, image_size=H)``."""
-    c, h, _ = dm.dims
-    try:
-        factory = instantiate(cfg.net, _convert_="all")
-        return factory(layer=layer, in_channels=c, num_classes=dm.num_classes, image_size=h)
-    except (ValueError, TypeError) as err:
-        cause = err.__cause__ if err.__cause__ is not None else err
-        raise ConfigError(f"Invalid configuration: net={cfg.net._target_}: {cause}") from None
-
-
-def build_module(cfg: DictConfig, net: nn.Module, num_classes: int) -> ImageClassifier:
-    """The LightningModule with optimizer/scheduler factories from the config."""
-    sched_cfg = cfg.scheduler
-    scheduler = None
-    if sched_cfg.get("_target_") is not None:
-        resolved = OmegaConf.to_container(sched_cfg, resolve=True)
-        assert isinstance(resolved, dict)
-        scheduler = instantiate({k: v for k, v in resolved.items() if k not in SCHEDULER_META})
-    return ImageClassifier(
-        net=net,
-        num_classes=num_classes,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=scheduler,
-        scheduler_interval=sched_cfg.get("interval", "epoch"),
-        scheduler_monitor=sched_cfg.get("monitor"),
-        criterion=cfg.criterion,
-        label_smoothing=cfg.label_smoothing,
-        compile=cfg.compile,
-    )
 
 
 def _checkpoint_ids(ckpt_path: str | None) -> dict[str, str]:
@@ -151,25 +100,19 @@ def build_callbacks(
 
 
 # ----------------------------------------------------------------------------------------- run
-def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
-    """validate → instantiate → fit/test → results.json. Returns the results.
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """validate (build + probe) → data → fit/test → results.json. Returns the results.
 
-    ``validate=False`` skips :func:`check_config` when the caller has just run it.
+    Every start-up check runs before the run directory gets a file of ours.
     """
+    startup = validate(cfg)
+    datamodule, net, ckpt_path = startup.datamodule, startup.net, startup.ckpt_path
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Run directory: %s", run_dir)
+    if datamodule.download and rank_zero_only.rank == 0:
+        datamodule.prepare_data()
 
-    if validate:
-        check_config(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    datamodule = build_datamodule(cfg)
-    layer = build_layer(cfg)
-    check_layer_fits(cfg.net._target_, layer, datamodule.dims)
-    datamodule.check_available()
-
-    pl.seed_everything(cfg.seed, workers=True)
-    net = build_net(cfg, layer, datamodule)
     text, counts = describe_model(net, datamodule.dims)
     (run_dir / "model.txt").write_text(text)
     log.info(

@@ -6,8 +6,9 @@
     x → conv1 (7×7 depthwise, C → 4C, groups=C) → layer norm → 1×1 (4C → C) → GELU
       → 1×1 (C → C) → + x
 
-``conv1`` is the replaceable layer: with ``layer=conv`` it is the lecture's exact module (and
-``layer.kernel_size`` is not used), otherwise ``layer.conv2d(C, 4C)``.
+``conv1`` is the replaceable layer ``layer.conv2d(C, 4C, kernel_size=7, groups=C)``: with
+``layer=conv`` it is the lecture's exact module (the backbone's 7×7 depthwise shape wins over
+``layer.kernel_size``); other kinds ignore the shape and map C → 4C themselves.
 
 Layer norm: the lecture calls ``F.layer_norm(x, x.shape)``, which normalises over the *whole batch
 tensor* (batch dimension included, no affine). That is reproduced by default
@@ -39,12 +40,7 @@ class ConvNextBlock(nn.Module):
     def __init__(self, layer: LayerFactory, channels: int, layer_norm: str = "lecture") -> None:
         super().__init__()
         self.layer_norm = layer_norm
-        if layer.name == "conv":
-            self.conv1: nn.Module = nn.Conv2d(
-                channels, 4 * channels, kernel_size=7, padding="same", groups=channels
-            )
-        else:
-            self.conv1 = layer.conv2d(channels, 4 * channels)
+        self.conv1 = layer.conv2d(channels, 4 * channels, kernel_size=7, groups=channels)
         self.conv2 = nn.Conv2d(4 * channels, channels, kernel_size=1)
         self.conv3 = nn.Conv2d(channels, channels, kernel_size=1)
 

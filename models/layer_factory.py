@@ -1,224 +1,147 @@
-"""One layer-factory mechanism for every backbone: a layer option (``layer=convnn`` ...) becomes
-an object that builds 2-D layers for CNNs and token mixers for transformers.
+"""One layer-factory mechanism for every backbone: a layer kind (``layer=convnn`` ...) becomes an
+object that builds 2-D layers for CNNs and token mixers for transformers.
 
-Backbones never read configs; they receive a :class:`LayerFactory` and call
-``factory.conv2d(in_channels, out_channels)`` (a stride-1 layer that keeps H×W) or
-``factory.token_mixer(dim)`` (a module mapping (B, N, D) → (B, N, D)).
+Backbones depend only on the protocol: ``factory.conv2d(in_channels, out_channels, *, stride=1)``
+(a layer mapping (B, in, H, W) → (B, out, H/stride, W/stride)) and ``factory.token_mixer(dim)``
+((B, N, dim) → (B, N, dim)). What each kind builds, and its options with their defaults, come
+from :data:`convnn.LAYERS` and the constructors' signatures: nothing is restated here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from convnn import (
+    LAYERS,
+    SAMPLING_KEYWORDS,
+    Conv2dSame,
+    constructor_keywords,
+    layer_options,
+)
+
 __all__ = ["LAYER_NAMES", "IncompatibleLayerError", "LayerFactory"]
+
+LAYER_NAMES: tuple[str, ...] = tuple(LAYERS)
 
 
 class IncompatibleLayerError(ValueError):
-    """A layer option was asked for a role (2-D layer or token mixer) it cannot fill."""
-
-
-# Options every ConvNN-style layer accepts (SPEC §1 names), and their defaults.
-_CONVNN_OPTIONS: dict[str, Any] = {
-    "K": 9,
-    "magnitude_type": "cosine",
-    "padding": 0,
-    "shuffle_pattern": "NA",
-    "shuffle_scale": 1,
-    "similarity_type": "Col",
-    "aggregation_type": "Col",
-    "lambda_param": 0.5,
-}
-_ATTN_OPTIONS: dict[str, Any] = {
-    **_CONVNN_OPTIONS,
-    "magnitude_type": "matmul",
-    "num_heads": 1,
-    "attention_dropout": 0.0,
-    "convolution_type": "depthwise",
-    "softmax_topk_val": True,
-    "coordinate_encoding": False,
-}
-_CONV_OPTIONS: dict[str, Any] = {"kernel_size": 3}
-
-# name -> accepted options with defaults. `sampling` is handled separately (the sampling group).
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "conv": _CONV_OPTIONS,
-    "convnn": _CONVNN_OPTIONS,
-    "convnn_attn": _ATTN_OPTIONS,
-    "branching": {**_CONVNN_OPTIONS, **_CONV_OPTIONS, "branch_ratio": 0.5},
-    "branching_attn": {**_ATTN_OPTIONS, **_CONV_OPTIONS, "branch_ratio": 0.5},
-    "attention": {"num_heads": 1, "attention_dropout": 0.0},
-    "kvt": {"num_heads": 1, "attention_dropout": 0.0, "K": 100},
-    "local_attention": {"num_heads": 1, "attention_dropout": 0.0, "window_size": 16},
-    "sparse_attention": {
-        "num_heads": 1,
-        "attention_dropout": 0.0,
-        "pattern": "strided",
-        "stride": 8,
-    },
-}
-LAYER_NAMES: tuple[str, ...] = tuple(_OPTIONS)
-
-_SAMPLING_DEFAULTS: dict[str, Any] = {
-    "type": "all",
-    "num_samples": -1,
-    "sample_padding": 0,
-    "eval_mode": "fixed",
-}
-
-
-def _sampling_kwargs(sampling: Mapping[str, Any]) -> dict[str, Any]:
-    """Map the `sampling` group onto the layer constructor keywords of SPEC §1.2."""
-    return {
-        "sampling_type": sampling["type"],
-        "num_samples": sampling["num_samples"],
-        "sample_padding": sampling["sample_padding"],
-        "eval_sampling": sampling["eval_mode"],
-    }
-
-
-def _pick(options: Mapping[str, Any], keys: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: options[k] for k in keys if k in options}
+    """A layer kind was asked for a role (2-D layer or token mixer) it cannot fill."""
 
 
 class LayerFactory:
-    """Builds the chosen layer for any backbone from plain options.
+    """Builds the chosen layer kind for any backbone from plain options.
 
     Args:
         name: one of :data:`LAYER_NAMES`.
-        sampling: the sampling group (``type``, ``num_samples``, ``sample_padding``,
-            ``eval_mode``); used by every ConvNN layer in the network.
-        **options: layer hyper-parameters; unknown keys are rejected with the valid ones listed.
+        sampling: candidate sampling of every ConvNN layer, as the constructors' keywords
+            (``sampling_type``, ``num_samples``, ``sample_padding``, ``eval_sampling``); omitted
+            keys keep the constructor defaults. Ignored by kinds without a neighbour search.
+        **options: the kind's options (:func:`convnn.layer_options`); unknown keys are rejected.
     """
 
-    def __init__(self, name: str, sampling: Mapping[str, Any] | None = None, **options: Any):
-        if name not in _OPTIONS:
-            raise ValueError(
-                f"layer.name={name!r} is not a known layer; choose one of {LAYER_NAMES}"
-            )
-        allowed = _OPTIONS[name]
+    def __init__(
+        self, name: str, sampling: Mapping[str, Any] | None = None, **options: Any
+    ) -> None:
+        if name not in LAYERS:
+            raise ValueError(f"name={name!r} is not a known layer; choose one of {LAYER_NAMES}")
+        allowed = layer_options(name)
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise ValueError(
-                f"layer.{unknown[0]} is not an option of layer={name}; "
+                f"{unknown[0]}={options[unknown[0]]!r} is not an option of layer={name}; "
                 f"valid options are {sorted(allowed)}"
             )
-        self.name = name
-        self.options: dict[str, Any] = {**allowed, **options}
-        merged = dict(_SAMPLING_DEFAULTS)
-        merged.update(dict(sampling or {}))
-        unknown_s = sorted(set(merged) - set(_SAMPLING_DEFAULTS))
-        if unknown_s:
+        sampling = dict(sampling or {})
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYWORDS))
+        if unknown:
             raise ValueError(
-                f"sampling.{unknown_s[0]} is not a sampling option; valid options are "
-                f"{sorted(_SAMPLING_DEFAULTS)}"
+                f"{unknown[0]}={sampling[unknown[0]]!r} is not a sampling option; valid options "
+                f"are {sorted(SAMPLING_KEYWORDS)}"
             )
-        self.sampling = merged
+        self.name = name
+        self.spec = LAYERS[name]
+        self.options: dict[str, Any] = {**allowed, **options}
+        self.sampling: dict[str, Any] = sampling if self.spec.uses_sampling else {}
 
-    # ---------------------------------------------------------------- roles
+    # ---------------------------------------------------------------------------- roles
     @property
     def supports_2d(self) -> bool:
-        """Whether this layer can replace a 3×3 convolution in a CNN."""
-        return self.name in _BUILD_2D
+        """Whether this kind can replace a 3×3 convolution in a CNN."""
+        return self.spec.conv2d is not None
 
     @property
     def supports_tokens(self) -> bool:
-        """Whether this layer can be the token mixer of a transformer block."""
-        return self.name in _BUILD_TOKENS
+        """Whether this kind can be the token mixer of a transformer block."""
+        return self.spec.tokens is not None
 
-    def conv2d(self, in_channels: int, out_channels: int) -> nn.Module:
-        """A stride-1 layer mapping (B, in, H, W) → (B, out, H, W)."""
+    def conv2d(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        kernel_size: int | None = None,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> nn.Module:
+        """A layer (B, in, H, W) → (B, out, ⌈H/stride⌉, ⌈W/stride⌉).
+
+        ``kernel_size``, ``groups`` and ``bias`` describe the backbone's own convolution at this
+        position; only the plain ``conv`` kind uses them (``kernel_size`` defaults to the
+        ``kernel_size`` option). Other kinds run at stride 1 on the full map, followed by a
+        ``stride``×``stride`` average pool (``ceil_mode``), so a search sees every token.
+        """
         if not self.supports_2d:
             raise IncompatibleLayerError(
                 f"layer={self.name} cannot be used in a CNN backbone; layers that fit are "
-                f"{sorted(_BUILD_2D)}"
+                f"{sorted(n for n, s in LAYERS.items() if s.conv2d is not None)}"
             )
-        return _BUILD_2D[self.name](self, in_channels, out_channels)
+        if self.spec.conv2d is Conv2dSame:
+            return Conv2dSame(
+                in_channels,
+                out_channels,
+                self.options["kernel_size"] if kernel_size is None else kernel_size,
+                stride=stride,
+                groups=groups,
+                bias=bias,
+            )
+        layer = self._build(self.spec.conv2d, self.spec.branches, in_channels, out_channels)
+        if stride == 1:
+            return layer
+        return nn.Sequential(layer, nn.AvgPool2d(stride, stride, ceil_mode=True))
 
     def token_mixer(self, dim: int) -> nn.Module:
         """A token mixer mapping (B, N, dim) → (B, N, dim)."""
         if not self.supports_tokens:
             raise IncompatibleLayerError(
                 f"layer={self.name} cannot be a transformer token mixer; layers that fit are "
-                f"{sorted(_BUILD_TOKENS)}"
+                f"{sorted(n for n, s in LAYERS.items() if s.tokens is not None)}"
             )
-        return _BUILD_TOKENS[self.name](self, dim)
+        return self._build(self.spec.tokens, self.spec.token_branches, dim)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"LayerFactory({self.name!r}, {opts}, sampling={self.sampling})"
 
-    # ------------------------------------------------------- shared builders
-    def _convnn_kwargs(self, keys: Mapping[str, Any]) -> dict[str, Any]:
-        return {**_pick(self.options, keys), **_sampling_kwargs(self.sampling)}
+    # ---------------------------------------------------------------------------- build
+    def _kwargs(self, cls: type) -> dict[str, Any]:
+        """The options and sampling keywords that ``cls``'s constructor accepts."""
+        accepted = constructor_keywords(cls)
+        merged = {**self.options, **self.sampling}
+        return {k: v for k, v in merged.items() if k in accepted}
 
-    def _conv(self, in_channels: int, out_channels: int) -> nn.Module:
-        k = int(self.options["kernel_size"])
-        return nn.Conv2d(in_channels, out_channels, k, padding=k // 2)
-
-    def _convnn(self, in_channels: int, out_channels: int) -> nn.Module:
-        from convnn import Conv2dNN
-
-        return Conv2dNN(in_channels, out_channels, **self._convnn_kwargs(_CONVNN_OPTIONS))
-
-    def _convnn_attn(self, in_channels: int, out_channels: int) -> nn.Module:
-        from convnn import Conv2dNNAttention
-
-        return Conv2dNNAttention(in_channels, out_channels, **self._convnn_kwargs(_ATTN_OPTIONS))
-
-
-def _branching(nn_builder: Callable[[LayerFactory, int, int], nn.Module]):
-    def build(f: LayerFactory, in_channels: int, out_channels: int) -> nn.Module:
-        from convnn import Branching
-
-        return Branching(
-            in_channels,
-            out_channels,
-            first=lambda i, o: nn_builder(f, i, o),
-            second=lambda i, o: f._conv(i, o),
-            branch_ratio=float(f.options["branch_ratio"]),
+    def _build(
+        self, cls: type, branches: tuple[type, type] | None, *sizes: int
+    ) -> nn.Module:
+        if branches is None:
+            return cls(*sizes, **self._kwargs(cls))
+        first, second = branches
+        return cls(
+            *sizes,
+            first=lambda *s: first(*s, **self._kwargs(first)),
+            second=lambda *s: second(*s, **self._kwargs(second)),
+            **self._kwargs(cls),
         )
-
-    return build
-
-
-def _attention_2d(f: LayerFactory, in_channels: int, out_channels: int) -> nn.Module:
-    from convnn import Attention2d
-
-    return Attention2d(in_channels, out_channels, **_pick(f.options, _OPTIONS["attention"]))
-
-
-def _tokens(cls_name: str) -> Callable[[LayerFactory, int], nn.Module]:
-    """A builder for the token mixer ``convnn.<cls_name>`` (input (B, N, dim))."""
-
-    def build(f: LayerFactory, dim: int) -> nn.Module:
-        import convnn
-
-        cls = getattr(convnn, cls_name)
-        kwargs = dict(f.options)
-        if f.name in ("convnn", "convnn_attn"):
-            kwargs.update(_sampling_kwargs(f.sampling))
-        return cls(dim, **kwargs)
-
-    return build
-
-
-_BUILD_2D: dict[str, Callable[..., nn.Module]] = {
-    "conv": LayerFactory._conv,
-    "convnn": LayerFactory._convnn,
-    "convnn_attn": LayerFactory._convnn_attn,
-    "branching": _branching(LayerFactory._convnn),
-    "branching_attn": _branching(LayerFactory._convnn_attn),
-    "attention": _attention_2d,
-}
-_BUILD_TOKENS: dict[str, Callable[..., nn.Module]] = {
-    "conv": _tokens("Conv1dMixer"),
-    "convnn": _tokens("Conv1dNNMixer"),
-    "convnn_attn": _tokens("ConvNNAttention"),
-    "attention": _tokens("MultiHeadAttention"),
-    "kvt": _tokens("KNNAttention"),
-    "local_attention": _tokens("LocalAttention"),
-    "sparse_attention": _tokens("SparseAttention"),
-}

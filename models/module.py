@@ -14,11 +14,16 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["CRITERIA", "ImageClassifier", "param_groups"]
+__all__ = ["CRITERIA", "LOGGED_METRICS", "ImageClassifier", "param_groups"]
 
 log = logging.getLogger(__name__)
 
 CRITERIA = ("cross_entropy", "mse")
+#: Every metric the module logs (what a scheduler or checkpoint may monitor).
+LOGGED_METRICS: tuple[str, ...] = (
+    *(f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "acc1", "acc5")),
+    "val/acc1_best",
+)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 

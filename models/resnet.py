@@ -27,13 +27,7 @@ STEMS: tuple[str, ...] = ("cifar", "imagenet")
 
 def conv3x3(layer: LayerFactory, in_channels: int, out_channels: int, stride: int) -> nn.Module:
     """The replaceable 3×3 position of a BasicBlock, at ``stride`` 1 or 2 (see module doc)."""
-    if layer.name == "conv":
-        k = int(layer.options["kernel_size"])
-        return nn.Conv2d(in_channels, out_channels, k, stride, padding=k // 2, bias=False)
-    mixer = layer.conv2d(in_channels, out_channels)
-    if stride == 1:
-        return mixer
-    return nn.Sequential(mixer, nn.AvgPool2d(stride, stride, ceil_mode=True))
+    return layer.conv2d(in_channels, out_channels, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):

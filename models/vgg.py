@@ -77,6 +77,8 @@ class VGG(nn.Module):
             raise ValueError(
                 f"image_size={image_size} is too small for VGG's five 2×2 max-pools; use ≥ 32"
             )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} is invalid; expected a number in [0, 1)")
         if width_multiplier <= 0:
             raise ValueError(f"width_multiplier={width_multiplier} is invalid; expected > 0")
         self.features, c = vgg_features(layer, VGG_CONFIGS[depth], in_channels, width_multiplier)

@@ -99,10 +99,13 @@ class ViT(nn.Module):
             raise ValueError(
                 f"pos_embedding={pos_embedding!r} is invalid; choose one of {POS_EMBEDDINGS}"
             )
+        for key, value in (("dim", dim), ("depth", depth), ("mlp_dim", mlp_dim)):
+            if value < 1:
+                raise ValueError(f"{key}={value} is invalid; expected an integer ≥ 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} is invalid; expected a number in [0, 1)")
         if pos_embedding == "sinusoidal" and dim % 2:
             raise ValueError(f"dim={dim} must be even for sinusoidal positions")
-        if depth < 1:
-            raise ValueError(f"depth={depth} is invalid; expected an integer ≥ 1")
         self.patch_size = patch_size
         self.image_size = image_size
         num_tokens = (image_size // patch_size) ** 2 + 1

@@ -303,7 +303,8 @@ def test_aliases_for_magnitude_accepted() -> None:
 def test_layer_factory_builds_and_runs() -> None:
     from models.layer_factory import LayerFactory
 
-    factory = LayerFactory("convnn", sampling={"type": "random", "num_samples": 8}, padding=1)
+    sampling = {"sampling_type": "random", "num_samples": 8}
+    factory = LayerFactory("convnn", sampling=sampling, padding=1)
     layer = factory.conv2d(3, 6)
     assert isinstance(layer, Conv2dNN) and layer(torch.randn(2, 3, 5, 5)).shape == (2, 6, 5, 5)
 

@@ -9,8 +9,7 @@ import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from framework.checks import ConfigError, check_config, check_layer_fits
-from models.layer_factory import LayerFactory
+from framework.checks import ConfigError, check_config, validate
 
 from .helpers import CFG_DIR, ROOT, compose_cfg, main_cmd
 
@@ -46,6 +45,42 @@ def test_defaults_and_top_level_keys(tmp_path: Path) -> None:
     assert get_class(cfg.net._target_).LAYER_ROLE == "2d"
 
 
+def test_defaults_are_the_original_main_py_defaults(tmp_path: Path) -> None:
+    """Every key mapped from an original flag defaults to that flag's default."""
+    cfg = compose_cfg([], out=tmp_path)
+    layer = cfg.layer
+    assert (layer.K, layer.padding, layer.magnitude_type) == (9, 1, "cosine")
+    assert (layer.similarity_type, layer.aggregation_type) == ("Col", "Col")
+    assert layer.lambda_param == 0.5
+    assert layer.shuffle_pattern == "NA"
+    assert cfg.sampling.sampling_type == "all" and cfg.sampling.num_samples == -1
+    assert cfg.sampling.sample_padding == 0
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 1e-6
+    assert cfg.scheduler._target_ is None  # --scheduler none
+    assert cfg.trainer.max_epochs == 150 and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.trainer.precision == "32-true" and cfg.compile is False
+    assert cfg.dataset.batch_size == 256 and cfg.dataset.augment is False
+    assert compose_cfg(["scheduler=step"], out=tmp_path).scheduler.step_size == 20
+    assert compose_cfg(["scheduler=step"], out=tmp_path).scheduler.gamma == 0.1
+    sgd = compose_cfg(["optimizer=sgd"], out=tmp_path).optimizer
+    assert sgd.momentum == 0.9 and sgd.lr == 1e-4
+    for name in ("convnn_attn", "branching", "branching_attn"):
+        assert compose_cfg([f"layer={name}"], out=tmp_path).layer.padding == 1
+
+
+def test_layer_keys_and_defaults_come_from_the_constructors(tmp_path: Path) -> None:
+    """A layer's config keys are exactly its constructors' keywords (one source of truth)."""
+    import convnn
+
+    for name in convnn.LAYERS:
+        layer = compose_cfg([f"layer={name}"], out=tmp_path).layer
+        keys = set(layer) - {"_target_", "name", "sampling"}
+        assert keys == set(convnn.layer_options(name)), name
+    cfg = compose_cfg(["layer=convnn"], out=tmp_path)
+    assert set(cfg.sampling) == set(convnn.SAMPLING_KEYWORDS)
+    assert cfg.layer.lambda_param == convnn.layer_options("convnn")["lambda_param"]
+
+
 @pytest.mark.parametrize("name", _options("dataset"))
 def test_every_dataset_shares_the_common_keys(name: str, tmp_path: Path) -> None:
     over = ["dataset.resize=16", "dataset.augment=true", "dataset.batch_size=8",
@@ -77,10 +112,6 @@ def test_experiment_preset_keys_work_with_fake_data(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["layer=convnn", "layer.K=0"], "layer.K=0"),
-        (["layer=convnn", "layer.magnitude_type=manhattan"], "layer.magnitude_type='manhattan'"),
-        (["layer=convnn", "sampling=random", "sampling.num_samples=4"], "sampling.num_samples=4"),
-        (["layer=convnn", "sampling=spatial", "sampling.num_samples=2"], "sampling.num_samples=2"),
         (["dataset.batch_size=0"], "dataset.batch_size=0"),
         (["dataset.val_split=0"], "dataset.val_split=0"),
         (["trainer.devices=3", "trainer.accelerator=cpu", "dataset.batch_size=64"],
@@ -98,13 +129,21 @@ def test_check_config_messages(overrides: list[str], needle: str, tmp_path: Path
     assert needle in str(err.value)
 
 
-def test_k_larger_than_tokens_and_incompatible_layer() -> None:
-    layer = LayerFactory("convnn", K=100)
-    with pytest.raises(ConfigError, match=r"layer.K=100 exceeds the 64"):
-        check_layer_fits("models.simple.SimpleNet", layer, (1, 8, 8))
-    with pytest.raises(ConfigError, match=r"layer=kvt .*conv"):
-        check_layer_fits("models.simple.SimpleNet", LayerFactory("kvt"), (3, 32, 32))
-    check_layer_fits("models.simple.SimpleNet", LayerFactory("convnn", K=9), (1, 8, 8))
+def test_probe_names_the_stage_where_k_does_not_fit(tmp_path: Path) -> None:
+    """K is checked against every stage's real map, not only the input (VGG's last is 2×2)."""
+    cfg = compose_cfg(["net=vgg11", "layer=convnn", "layer.padding=0", "dataset=fake"],
+                      out=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "layer.K=9 is too large" in text and "layer.padding=0" in text
+    assert "`features.22` (Conv2dNN) on a 512×2×2 input" in text
+    validate(compose_cfg(["net=vgg11", "layer=convnn", "dataset=fake"], out=tmp_path))
+
+
+def test_incompatible_layer_names_the_layers_that_fit(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"layer=kvt cannot be used in a CNN.*'conv'"):
+        validate(compose_cfg(["layer=kvt", "dataset=fake"], out=tmp_path))
 
 
 # ---------------------------------------------------------- error exits of the real entry point

@@ -85,10 +85,11 @@ def test_init_from_partial_load_and_test_only(tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY, "dataset=fake", "dataset.channels=1", "dataset.image_size=8",
                        "dataset.num_classes=5", f"init_from={ckpt}", "trainer.max_epochs=1",
                        "dataset.train_size=64", "dataset.test_size=16"], out=tmp_path / "ft")
-    from framework.train import build_datamodule, build_layer, build_module, build_net
+    from framework.build import build_datamodule, build_layer, build_module, build_net
 
     dm = build_datamodule(cfg)
-    module = build_module(cfg, build_net(cfg, build_layer(cfg), dm), dm.num_classes)
+    net = build_net(cfg, build_layer(cfg), dm.dims, dm.num_classes)
+    module = build_module(cfg, net, dm.num_classes)
     report = load_weights(module, str(ckpt))
     assert report["reinitialised"] == ["net.head.bias", "net.head.weight"]
     assert report["missing"] == [] and report["unexpected"] == []
