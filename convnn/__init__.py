@@ -8,7 +8,7 @@ from convnn.attention import (
     Conv2dNNAttention,
     ConvNNAttention,
 )
-from convnn.branching import Branching
+from convnn.branching import Branching, BranchingMixer
 from convnn.layers import (
     AGGREGATION_TYPES,
     SHUFFLE_PATTERNS,
@@ -41,6 +41,7 @@ __all__ = [
     "SIMILARITY_TYPES",
     "Attention2d",
     "Branching",
+    "BranchingMixer",
     "CandidateSampler",
     "Conv1dMixer",
     "Conv1dNN",

@@ -205,6 +205,28 @@ def _tokens(cls_name: str) -> Callable[[LayerFactory, int], nn.Module]:
     return build
 
 
+def _branching_tokens(attn: bool) -> Callable[[LayerFactory, int], nn.Module]:
+    """Token Branching: Conv1dNN ‖ Conv1d (``branching``) or ConvNN-Attention ‖ attention."""
+
+    def build(f: LayerFactory, dim: int) -> nn.Module:
+        import convnn
+
+        def first(d: int) -> nn.Module:
+            if attn:
+                return convnn.ConvNNAttention(d, **f._convnn_kwargs(_ATTN_OPTIONS))
+            return convnn.Conv1dNNMixer(d, **f._convnn_kwargs(_CONVNN_OPTIONS))
+
+        def second(d: int) -> nn.Module:
+            if attn:
+                return convnn.MultiHeadAttention(d, **_pick(f.options, _OPTIONS["attention"]))
+            return convnn.Conv1dMixer(d, **_pick(f.options, _CONV_OPTIONS))
+
+        ratio = float(f.options["branch_ratio"])
+        return convnn.BranchingMixer(dim, first=first, second=second, branch_ratio=ratio)
+
+    return build
+
+
 _BUILD_2D: dict[str, Callable[..., nn.Module]] = {
     "conv": LayerFactory._conv,
     "convnn": LayerFactory._convnn,
@@ -221,4 +243,6 @@ _BUILD_TOKENS: dict[str, Callable[..., nn.Module]] = {
     "kvt": _tokens("KNNAttention"),
     "local_attention": _tokens("LocalAttention"),
     "sparse_attention": _tokens("SparseAttention"),
+    "branching": _branching_tokens(attn=False),
+    "branching_attn": _branching_tokens(attn=True),
 }
