@@ -29,6 +29,7 @@ from convnn.mixers import (
     MultiHeadAttention,
     SparseAttention,
 )
+from convnn.recording import NeighborRecord, record_neighbors
 from convnn.sampling import SAMPLING_TYPES, CandidateSampler
 from convnn.shuffle import PixelShuffle1d, PixelUnshuffle1d, pixel_shuffle_1d, pixel_unshuffle_1d
 
@@ -58,6 +59,7 @@ __all__ = [
     "KNNAttention",
     "LocalAttention",
     "MultiHeadAttention",
+    "NeighborRecord",
     "PixelShuffle1d",
     "PixelUnshuffle1d",
     "SparseAttention",
@@ -66,4 +68,5 @@ __all__ = [
     "functional",
     "pixel_shuffle_1d",
     "pixel_unshuffle_1d",
+    "record_neighbors",
 ]
