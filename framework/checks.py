@@ -225,6 +225,10 @@ def check_config(cfg: DictConfig) -> None:
             "a run (weights, optimizer, epoch), init_from only loads weights; choose one."
         )
 
+    from framework.recipe_checks import check_recipes
+
+    check_recipes(cfg)
+
 
 def check_layer_fits(net_target: str, layer: Any, dims: tuple[int, int, int]) -> None:
     """The backbone's ``LAYER_ROLE`` must be one the layer can fill, and K ≤ tokens."""

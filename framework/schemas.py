@@ -196,6 +196,7 @@ class RootConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     logger: Any = None
     callbacks: Any = None
+    analysis: Any = None
     paths: PathsConf = field(default_factory=PathsConf)
     name: str = "convnn"
     seed: int = 0

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from datamodules.base import BaseDataModule
+from framework.analysis import maybe_analyse
 from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
 from framework.checks import ConfigError, check_config, check_layer_fits, resolve_ckpt_path
 from framework.inspect import describe_model, load_weights
@@ -203,6 +204,7 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
             write_json(run_dir / "results.json", results)
             for lg in loggers:
                 lg.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        maybe_analyse(cfg, trainer, model, datamodule, loggers, run_dir)
         log.info(
             "test/acc1=%.4f test/acc5=%.4f (%s)",
             results["test/acc1"],

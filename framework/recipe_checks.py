@@ -1,0 +1,49 @@
+"""Start-up checks of the analysis and training-recipe options (light imports: no torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from framework.checks import ConfigError
+
+__all__ = ["ANALYSES", "AUTO_AUGMENTS", "check_recipes"]
+
+ANALYSES = ("none", "neighbours")
+AUTO_AUGMENTS = (None, "randaugment", "trivialaugment")
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"Invalid configuration: {key}={value!r} — {allowed}.")
+
+
+def _positive_int(node: Any, key: str, prefix: str) -> None:
+    value = node.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(f"{prefix}{key}", value, "expected an integer ≥ 1")
+
+
+def _number(node: Any, key: str, prefix: str, low: float, high: float | None) -> float:
+    value = node.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _fail(f"{prefix}{key}", value, "expected a number")
+    if value < low or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else f"≥ {low}"
+        raise _fail(f"{prefix}{key}", value, f"must be in {span}")
+    return float(value)
+
+
+def check_recipes(cfg: DictConfig) -> None:
+    """``analysis``, ``ema`` and the dataset augmentation keys."""
+    a = cfg.get("analysis")
+    if a:
+        name = a.get("name", "none")
+        if name not in ANALYSES:
+            raise _fail("analysis.name", name, f"choose one of {list(ANALYSES)}")
+        if name == "neighbours":
+            for key in ("num_images", "num_queries"):
+                _positive_int(a, key, "analysis.")
+            seed = a.get("seed")
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise _fail("analysis.seed", seed, "expected an integer ≥ 0")
