@@ -47,3 +47,13 @@ def check_recipes(cfg: DictConfig) -> None:
             seed = a.get("seed")
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                 raise _fail("analysis.seed", seed, "expected an integer ≥ 0")
+
+    e = cfg.get("ema")
+    if e and e.get("enabled", False):
+        _number(e, "decay", "ema.", 0.0, 1.0)
+        _positive_int(e, "update_every_n_steps", "ema.")
+        start = e.get("update_starting_at_step")
+        if start is not None and (
+            isinstance(start, bool) or not isinstance(start, int) or start < 0
+        ):
+            raise _fail("ema.update_starting_at_step", start, "expected null or an integer ≥ 0")

@@ -197,6 +197,7 @@ class RootConf:
     logger: Any = None
     callbacks: Any = None
     analysis: Any = None
+    ema: Any = None
     paths: PathsConf = field(default_factory=PathsConf)
     name: str = "convnn"
     seed: int = 0

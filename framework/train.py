@@ -24,6 +24,7 @@ from datamodules.base import BaseDataModule
 from framework.analysis import maybe_analyse
 from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
 from framework.checks import ConfigError, check_config, check_layer_fits, resolve_ckpt_path
+from framework.ema import build_ema
 from framework.inspect import describe_model, load_weights
 from models.layer_factory import LayerFactory
 from models.module import ImageClassifier
@@ -183,6 +184,7 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
     ids = _checkpoint_ids(ckpt_path)
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
+    callbacks += build_ema(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
