@@ -57,3 +57,11 @@ def check_recipes(cfg: DictConfig) -> None:
             isinstance(start, bool) or not isinstance(start, int) or start < 0
         ):
             raise _fail("ema.update_starting_at_step", start, "expected null or an integer ≥ 0")
+
+    d = cfg.dataset
+    aa = d.get("auto_augment")
+    if aa not in AUTO_AUGMENTS:
+        raise _fail("dataset.auto_augment", aa, "choose null, randaugment or trivialaugment")
+    _number(d, "random_erasing", "dataset.", 0.0, 1.0)
+    _number(d, "mixup_alpha", "dataset.", 0.0, None)
+    _number(d, "cutmix_alpha", "dataset.", 0.0, None)

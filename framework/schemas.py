@@ -84,6 +84,10 @@ class DatasetConf:
     augment: bool = False
     noise: float = 0.0
     val_split: float = 0.1
+    auto_augment: Any = None  # randaugment | trivialaugment | null
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
 @dataclass

@@ -76,3 +76,99 @@ def test_bad_ema_decay_is_a_config_error(tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY, "ema=on", "ema.decay=1.5"], out=tmp_path)
     with pytest.raises(ConfigError, match=r"ema\.decay=1\.5"):
         check_config(cfg)
+
+
+# -------------------------------------------------------------------------------- augmentation
+def test_train_transform_has_auto_augment_and_erasing_eval_has_neither() -> None:
+    from torchvision.transforms import v2
+
+    from datamodules import DigitsDataModule
+
+    dm = DigitsDataModule(name="digits", auto_augment="trivialaugment", random_erasing=0.3)
+    kinds = [type(t) for t in dm.train_transform().transforms]
+    assert v2.TrivialAugmentWide in kinds and v2.RandomErasing in kinds
+    assert kinds.index(v2.TrivialAugmentWide) < kinds.index(v2.RandomErasing)
+    erasing = dm.train_transform().transforms[kinds.index(v2.RandomErasing)]
+    assert erasing.p == 0.3
+    eval_kinds = [type(t) for t in dm.eval_transform().transforms]
+    assert v2.TrivialAugmentWide not in eval_kinds and v2.RandomErasing not in eval_kinds
+    dm = DigitsDataModule(name="digits", auto_augment="randaugment")
+    assert v2.RandAugment in [type(t) for t in dm.train_transform().transforms]
+
+
+def test_mixup_cutmix_only_on_training_batches_with_hard_labels_kept() -> None:
+    from types import SimpleNamespace
+
+    from datamodules import DigitsDataModule
+
+    torch.manual_seed(0)
+    dm = DigitsDataModule(name="digits", mixup_alpha=0.4, cutmix_alpha=1.0)
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    dm.trainer = SimpleNamespace(training=False)
+    assert dm.on_after_batch_transfer((x, y), 0) == (x, y)
+    dm.trainer = SimpleNamespace(training=True)
+    xm, yh, soft = dm.on_after_batch_transfer((x, y), 0)
+    assert torch.equal(yh, y) and not torch.equal(xm, x)
+    assert soft.shape == (6, 10) and soft.dtype == torch.float32
+    torch.testing.assert_close(soft.sum(1), torch.ones(6))
+    assert (soft[torch.arange(6), y] > 0).all()
+
+
+def test_soft_targets_drive_the_loss_and_hard_labels_the_accuracy() -> None:
+    from functools import partial
+
+    import torch.nn.functional as F
+
+    from models.module import ImageClassifier
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    module = ImageClassifier(net, 3, partial(torch.optim.SGD, lr=0.1))
+    x = torch.randn(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 0])
+    soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.2, 0.8], [0.3, 0.3, 0.4], [1.0, 0.0, 0.0]])
+    module.log = lambda *a, **k: None
+    loss = module._step((x, y, soft), "train")
+    logits = net(x)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, soft))
+    assert not torch.allclose(loss, F.cross_entropy(logits, y))
+    acc = float((logits.argmax(1) == y).float().mean())
+    assert float(module.train_acc1.compute()) == acc
+
+
+def test_augmented_resume_is_exact(tmp_path: Path) -> None:
+    common = [
+        *TINY,
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",
+        "dataset.auto_augment=randaugment",
+        "dataset.random_erasing=0.5",
+        "dataset.mixup_alpha=0.4",
+        "dataset.cutmix_alpha=1.0",
+    ]
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    run(compose_cfg(common, out=straight))
+    run(compose_cfg([*common, "trainer.max_steps=4"], out=part))
+    run(compose_cfg([*common, "ckpt_path=last"], out=part))
+    a = _ckpt(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    b = _ckpt(part / "checkpoints" / "last.ckpt")["state_dict"]
+    assert _max_diff(a, b) <= 1e-6
+    plain = tmp_path / "plain"
+    run(compose_cfg([*TINY, "trainer.max_epochs=2", "trainer.limit_train_batches=4"], out=plain))
+    assert _max_diff(a, _ckpt(plain / "checkpoints" / "last.ckpt")["state_dict"]) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dataset.auto_augment=autoaug", "dataset.auto_augment='autoaug'"),
+        ("dataset.random_erasing=1.5", "dataset.random_erasing=1.5"),
+        ("dataset.mixup_alpha=-1", "dataset.mixup_alpha=-1"),
+        ("dataset.cutmix_alpha=-0.5", "dataset.cutmix_alpha=-0.5"),
+    ],
+)
+def test_bad_augmentation_keys_are_config_errors(tmp_path: Path, override: str, message: str):
+    import re
+
+    cfg = compose_cfg([*TINY, override], out=tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(cfg)
