@@ -172,3 +172,36 @@ def test_bad_augmentation_keys_are_config_errors(tmp_path: Path, override: str, 
     cfg = compose_cfg([*TINY, override], out=tmp_path)
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(cfg)
+
+
+# ---------------------------------------------------------------------- hyper-parameter search
+@pytest.mark.parametrize("search", ["optuna", "convnn_optuna"])
+def test_hparams_search_configs_compose_and_maximise(search: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from .helpers import CFG_DIR
+
+    with initialize_config_dir(config_dir=CFG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"hparams_search={search}", "experiment=quickstart"],
+            return_hydra_config=True,
+        )
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert str(cfg.hydra.mode).endswith("MULTIRUN") and "optimizer.lr" in sweeper.params
+
+
+@pytest.mark.slow
+def test_optuna_sweep_optimises_the_validation_metric(tmp_path: Path) -> None:
+    import yaml
+
+    from .helpers import run_main
+
+    args = [*TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
+    proc = run_main([*args, f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())["best_value"]
+    jobs = [_results(tmp_path / str(i)) for i in range(2)]
+    assert math.isclose(best, max(j["val/acc1_best"] for j in jobs), rel_tol=1e-6)
+    assert any(j["val/acc1_best"] != j["test/acc1"] for j in jobs)
