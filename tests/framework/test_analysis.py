@@ -103,7 +103,7 @@ def test_run_writes_stats_and_pictures_and_test_only_reproduces_them(tmp_path: P
         "analysis.num_images=4",
     ]
     out = tmp_path / "train"
-    run(compose_cfg(common, out=out))
+    run(compose_cfg([*common, "logger=tensorboard"], out=out))
     stats = _strict_load(out / "neighbours" / "stats.json")
     layers = stats["layers"]
     assert sorted(layers) == ["features.0", "features.3"]
@@ -113,6 +113,10 @@ def test_run_writes_stats_and_pictures_and_test_only_reproduces_them(tmp_path: P
             assert isinstance(s[key], float) and s[key] >= 0.0
     pngs = sorted(p.name for p in (out / "neighbours").glob("*.png"))
     assert pngs == ["distances.png", "layer_features.0.png", "layer_features.3.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert sorted(events.Tags()["images"]) == [f"neighbours/{p[:-4]}" for p in pngs]
     ckpt = next((out / "checkpoints").glob("best-*.ckpt"))
     again = tmp_path / "test_only"
     run(compose_cfg([*common, "test_only=true", f"init_from={ckpt}"], out=again))
