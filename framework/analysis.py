@@ -114,7 +114,7 @@ def layer_stats(rec: NeighborRecord, geo: LayerGeometry) -> dict[str, Any]:
         "distance_fraction_quantiles": _quantiles(dist / geo.side),
         "fraction_in_3x3": _mean(near.float()),
         "fraction_padding": _mean(geo.pad[idx].float()),
-        "fraction_special": _mean(geo.special[idx].float()),
+        "fraction_special": _mean((geo.special & ~geo.pad)[idx].float()),
         "self_in_neighbours": _mean((idx == q).any(dim=-1).float()),
         "distinct_selected": _mean((counts > 0).sum(dim=1).float()),
         "distinct_fraction": _mean((counts > 0).float().mean(dim=1)),
@@ -261,8 +261,10 @@ def analyse_neighbours(
     was_training = net.training
     net.eval()
     try:
+        # a compiled net (compile=true) runs its eager forward here: recording is Python-side
+        call = net.forward if getattr(net, "_compiled_call_impl", None) is not None else net
         with torch.no_grad(), record_neighbors(net) as records:
-            net(images.to(device))
+            call(images.to(device))
     finally:
         net.train(was_training)
     vit = _vit_patches(net)
