@@ -24,8 +24,10 @@ def _positive_int(node: Any, key: str, prefix: str) -> None:
         raise _fail(f"{prefix}{key}", value, "expected an integer ≥ 1")
 
 
-def _number(node: Any, key: str, prefix: str, low: float, high: float | None) -> float:
-    value = node.get(key)
+def _number(
+    node: Any, key: str, prefix: str, low: float, high: float | None, default: Any = None
+) -> float:
+    value = node.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _fail(f"{prefix}{key}", value, "expected a number")
     if value < low or (high is not None and value > high):
@@ -62,6 +64,6 @@ def check_recipes(cfg: DictConfig) -> None:
     aa = d.get("auto_augment")
     if aa not in AUTO_AUGMENTS:
         raise _fail("dataset.auto_augment", aa, "choose null, randaugment or trivialaugment")
-    _number(d, "random_erasing", "dataset.", 0.0, 1.0)
-    _number(d, "mixup_alpha", "dataset.", 0.0, None)
-    _number(d, "cutmix_alpha", "dataset.", 0.0, None)
+    _number(d, "random_erasing", "dataset.", 0.0, 1.0, default=0.0)
+    _number(d, "mixup_alpha", "dataset.", 0.0, None, default=0.0)
+    _number(d, "cutmix_alpha", "dataset.", 0.0, None, default=0.0)
