@@ -8,7 +8,7 @@ from convnn.attention import (
     Conv2dNNAttention,
     ConvNNAttention,
 )
-from convnn.branching import Branching
+from convnn.branching import Branching, BranchingMixer
 from convnn.layers import (
     AGGREGATION_TYPES,
     SHUFFLE_PATTERNS,
@@ -29,6 +29,7 @@ from convnn.mixers import (
     MultiHeadAttention,
     SparseAttention,
 )
+from convnn.recording import NeighborRecord, record_neighbors
 from convnn.registry import (
     LAYERS,
     SAMPLING_KEYWORDS,
@@ -51,6 +52,7 @@ __all__ = [
     "SIMILARITY_TYPES",
     "Attention2d",
     "Branching",
+    "BranchingMixer",
     "CandidateSampler",
     "Conv1dMixer",
     "Conv1dNN",
@@ -69,6 +71,7 @@ __all__ = [
     "LayerSpec",
     "LocalAttention",
     "MultiHeadAttention",
+    "NeighborRecord",
     "PixelShuffle1d",
     "PixelUnshuffle1d",
     "SparseAttention",
@@ -79,4 +82,5 @@ __all__ = [
     "layer_options",
     "pixel_shuffle_1d",
     "pixel_unshuffle_1d",
+    "record_neighbors",
 ]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from convnn.functional import aggregate_neighbors, gather_neighbors, knn_search, selected_scores
 from convnn.layers import ConvNNBase, TokenMap
+from convnn.recording import note_selection
 
 __all__ = [
     "CONVOLUTION_TYPES",
@@ -183,6 +184,7 @@ class _ConvNNAttentionBase(ConvNNBase):
             idx = idx.sort(dim=-1).values
         scores = selected_scores(q, k, idx, mt)  # float32, differentiable, (B·h, Nq, K)
         gates = scores.softmax(dim=-1) if self.softmax_topk_val else scores
+        note_selection(self, tokens, idx, gates)  # no-op unless convnn.record_neighbors is active
         gates = self.attn_drop(gates).to(v.dtype)
         return self.out_proj(self._aggregate(v, idx, gates))
 

@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Branching"]
+__all__ = ["Branching", "BranchingMixer"]
 
 LayerBuilder = Callable[[int, int], nn.Module]
+MixerBuilder = Callable[[int], nn.Module]
 
 
 class Branching(nn.Module):
@@ -64,5 +65,61 @@ class Branching(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, branch_ratio={self.branch_ratio}, "
+            f"split=({self.first_channels}, {self.second_channels})"
+        )
+
+
+class BranchingMixer(nn.Module):
+    """Token-mixer Branching: (B, N, D) → (B, N, D) with two mixers side by side on the channels.
+
+    Like :class:`Branching`, ``round(branch_ratio · D)`` channels go to ``first`` (the ConvNN
+    branch) and the rest to ``second``: ``first(D1)`` mixes channels ``[:D1]``, ``second(D2)``
+    channels ``[D1:]``; the outputs are concatenated as [first, second] and merged by a linear
+    projection (D → D). ``branch_ratio`` 0 builds only ``second``, 1 only ``first``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        first: MixerBuilder,
+        second: MixerBuilder,
+        branch_ratio: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim={dim!r} must be an integer >= 1")
+        if (
+            isinstance(branch_ratio, bool)
+            or not isinstance(branch_ratio, (int, float))
+            or not 0.0 <= float(branch_ratio) <= 1.0
+        ):
+            raise ValueError(f"branch_ratio={branch_ratio!r} must be a number in [0, 1]")
+        self.dim = dim
+        self.branch_ratio = float(branch_ratio)
+        self.first_channels = round(self.branch_ratio * dim)
+        self.second_channels = dim - self.first_channels
+        self.first = first(self.first_channels) if self.first_channels else None
+        self.second = second(self.second_channels) if self.second_channels else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) → (B, N, D)."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"BranchingMixer expects tokens (B, N, D) with D={self.dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        d1 = self.first_channels
+        outs = []
+        if self.first is not None:
+            outs.append(self.first(x[..., :d1]))
+        if self.second is not None:
+            outs.append(self.second(x[..., d1:]))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return self.proj(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, branch_ratio={self.branch_ratio}, "
             f"split=({self.first_channels}, {self.second_channels})"
         )

@@ -22,6 +22,7 @@ from convnn.functional import (
     coordinate_grid_2d,
     knn_search,
 )
+from convnn.recording import note_selection
 from convnn.sampling import CandidateSampler
 from convnn.shuffle import check_scale, pixel_shuffle_1d, pixel_unshuffle_1d
 
@@ -182,6 +183,7 @@ class ConvNNBase(nn.Module):
         )
         if self.similarity_type == "Loc":
             idx = idx.sort(dim=-1).values
+        note_selection(self, tokens, idx, None)  # no-op unless convnn.record_neighbors is active
         return idx
 
     def forward(self, x: Tensor) -> Tensor:

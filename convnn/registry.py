@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from convnn.attention import Conv1dNNAttention, Conv2dNNAttention, ConvNNAttention
-from convnn.branching import Branching
+from convnn.branching import Branching, BranchingMixer
 from convnn.layers import Conv1dNN, Conv2dNN
 from convnn.mixers import (
     Attention2d,
@@ -135,9 +135,17 @@ LAYERS: Mapping[str, LayerSpec] = {
     "conv": LayerSpec(conv2d=Conv2dSame, tokens=Conv1dMixer),
     "convnn": LayerSpec(conv2d=Conv2dNN, tokens=Conv1dNNMixer),
     "convnn_attn": LayerSpec(conv2d=Conv2dNNAttention, tokens=ConvNNAttention),
-    "branching": LayerSpec(conv2d=Branching, tokens=None, branches=(Conv2dNN, Conv2dSame)),
+    "branching": LayerSpec(
+        conv2d=Branching,
+        tokens=BranchingMixer,
+        branches=(Conv2dNN, Conv2dSame),
+        token_branches=(Conv1dNNMixer, Conv1dMixer),
+    ),
     "branching_attn": LayerSpec(
-        conv2d=Branching, tokens=None, branches=(Conv2dNNAttention, Conv2dSame)
+        conv2d=Branching,
+        tokens=BranchingMixer,
+        branches=(Conv2dNNAttention, Conv2dSame),
+        token_branches=(ConvNNAttention, MultiHeadAttention),
     ),
     "attention": LayerSpec(conv2d=Attention2d, tokens=MultiHeadAttention),
     "kvt": LayerSpec(conv2d=None, tokens=KNNAttention),

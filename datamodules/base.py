@@ -13,6 +13,8 @@ from hydra.errors import CompactHydraException
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import transforms as T
 
+from datamodules.augment import BatchMixer, auto_augment_steps, random_erasing_steps
+
 __all__ = [
     "BaseDataModule",
     "DataError",
@@ -100,6 +102,9 @@ class BaseDataModule(pl.LightningDataModule):
         noise: std of Gaussian noise added after normalisation (train only).
         val_split: fraction of the training set held out for validation (eval transform).
         seed: seed of the training order (with the epoch number).
+        auto_augment: ``randaugment`` | ``trivialaugment`` | ``None`` (train only).
+        random_erasing: probability of erasing a random rectangle (train only).
+        mixup_alpha, cutmix_alpha: Beta(α, α) of MixUp / CutMix on training batches (0 = off).
     """
 
     mean: tuple[float, ...] = (0.5,)
@@ -120,6 +125,10 @@ class BaseDataModule(pl.LightningDataModule):
         noise: float = 0.0,
         val_split: float = 0.1,
         seed: int = 0,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         self.name = name
@@ -133,6 +142,11 @@ class BaseDataModule(pl.LightningDataModule):
         self.noise = float(noise)
         self.val_split = float(val_split)
         self.seed = int(seed)
+        self.auto_augment = auto_augment
+        self.random_erasing = float(random_erasing)
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self._mixer: BatchMixer | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -153,11 +167,13 @@ class BaseDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------ transforms
     def train_transform(self) -> T.Compose:
-        """Resize → [crop + flip] → tensor → normalise → [noise]."""
+        """Resize → [crop + flip] → [auto-augment] → tensor → normalise → [erasing] → [noise]."""
         steps: list[Any] = self._resize_steps()
         if self.augment:
             steps += [T.RandomCrop(self.dims[1:], padding=4), T.RandomHorizontalFlip()]
+        steps += auto_augment_steps(self.auto_augment)
         steps += self._to_tensor_steps()
+        steps += random_erasing_steps(self.random_erasing)
         if self.noise > 0:
             steps.append(GaussianNoise(self.noise))
         return T.Compose(steps)
@@ -228,6 +244,14 @@ class BaseDataModule(pl.LightningDataModule):
             persistent_workers=False,
             drop_last=False,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """MixUp/CutMix training batches: ``(x, y)`` → ``(x_mixed, y, soft_targets)``."""
+        if (self.mixup_alpha or self.cutmix_alpha) and self.trainer and self.trainer.training:
+            if self._mixer is None:
+                self._mixer = BatchMixer(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+            return self._mixer(*batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled in an order fixed by (seed, epoch)."""

@@ -319,6 +319,10 @@ def check_config(cfg: DictConfig) -> None:
             "a run (weights, optimizer, epoch), init_from only loads weights; choose one."
         )
 
+    from framework.recipe_checks import check_recipes
+
+    check_recipes(cfg)
+
 
 def _check_path(value: Any, key: str) -> None:
     if value is not None and not Path(str(value)).is_file():

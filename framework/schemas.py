@@ -170,6 +170,10 @@ class DatasetConf:
     augment: bool = False
     noise: float = 0.0
     val_split: float = 0.1
+    auto_augment: Any = None  # randaugment | trivialaugment | null
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
 @dataclass
@@ -282,6 +286,8 @@ class RootConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     logger: Any = None
     callbacks: Any = None
+    analysis: Any = None
+    ema: Any = None
     paths: PathsConf = field(default_factory=PathsConf)
     name: str = "convnn"
     seed: int = 0

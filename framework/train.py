@@ -20,9 +20,11 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from framework.analysis import maybe_analyse
 from framework.build import build_module
 from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
 from framework.checks import validate
+from framework.ema import build_ema
 from framework.inspect import describe_model, load_weights
 from models.module import ImageClassifier
 
@@ -125,6 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ids = _checkpoint_ids(ckpt_path)
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
+    callbacks += build_ema(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
@@ -146,6 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "results.json", results)
             for lg in loggers:
                 lg.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        maybe_analyse(cfg, trainer, model, datamodule, loggers, run_dir)
         log.info(
             "test/acc1=%.4f test/acc5=%.4f (%s)",
             results["test/acc1"],

@@ -105,16 +105,18 @@ class ImageClassifier(pl.LightningModule):
         return self.net(x)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (with label smoothing) or MSE against one-hot targets."""
+        """Cross-entropy (with label smoothing) or MSE against one-hot targets; float
+        ``target`` rows are soft targets (MixUp/CutMix)."""
         if self.criterion == "mse":
-            onehot = F.one_hot(target, self.num_classes).to(logits.dtype)
+            onehot = target if target.is_floating_point() else F.one_hot(target, self.num_classes)
+            onehot = onehot.to(logits.dtype)
             return F.mse_loss(logits, onehot)
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]  # a third entry: soft targets for the loss (MixUp/CutMix)
         logits = self(x)
-        loss = self.loss(logits, y)
+        loss = self.loss(logits, batch[2] if len(batch) > 2 else y)
         preds = logits.detach().float()
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=y.numel())
         getattr(self, f"{stage}_acc1").update(preds, y)

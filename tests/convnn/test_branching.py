@@ -76,3 +76,49 @@ def test_channel_validation_and_repr() -> None:
     with pytest.raises(ValueError, match=r"out_channels=0 must be an integer >= 1"):
         Branching(3, 0, _convnn, _conv)
     assert "split=(4, 4)" in repr(Branching(3, 8, _convnn, _conv))
+
+
+# ------------------------------------------------------------------ token-level BranchingMixer
+@pytest.mark.parametrize(("ratio", "split"), [(0.5, (6, 6)), (0.25, (3, 9)), (0.3, (4, 8))])
+def test_mixer_equals_hand_written_channel_split(ratio: float, split) -> None:
+    from convnn import BranchingMixer, Conv1dMixer, Conv1dNNMixer
+
+    torch.manual_seed(0)
+    block = BranchingMixer(
+        12, lambda d: Conv1dNNMixer(d, K=3), lambda d: Conv1dMixer(d), branch_ratio=ratio
+    )
+    d1 = split[0]
+    assert (block.first_channels, block.second_channels) == split
+    assert block.first.dim == split[0] and block.second.dim == split[1]
+    x = torch.randn(2, 7, 12)
+    first = Conv1dNNMixer(d1, K=3)
+    first.load_state_dict(block.first.state_dict())
+    second = Conv1dMixer(12 - d1)
+    second.load_state_dict(block.second.state_dict())
+    proj = nn.Linear(12, 12)
+    proj.load_state_dict(block.proj.state_dict())
+    expected = proj(torch.cat([first(x[..., :d1]), second(x[..., d1:])], dim=-1))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_mixer_attention_branches_and_degenerate_ratios() -> None:
+    from convnn import BranchingMixer, ConvNNAttention, MultiHeadAttention
+
+    def first(d: int) -> nn.Module:
+        return ConvNNAttention(d, K=4, magnitude_type="matmul")
+
+    def second(d: int) -> nn.Module:
+        return MultiHeadAttention(d, num_heads=2)
+
+    x = torch.randn(2, 5, 8)
+    block = BranchingMixer(8, first, second, branch_ratio=0.5)
+    expected = block.proj(torch.cat([block.first(x[..., :4]), block.second(x[..., 4:])], dim=-1))
+    torch.testing.assert_close(block(x), expected)
+    only_attn = BranchingMixer(8, first, second, branch_ratio=0.0)
+    assert only_attn.first is None and only_attn.second.dim == 8
+    only_nn = BranchingMixer(8, first, second, branch_ratio=1)
+    assert only_nn.second is None and only_nn.first.in_channels == 8
+    for block in (only_attn, only_nn):
+        assert block(x).shape == (2, 5, 8)
+    with pytest.raises(ValueError, match="branch_ratio"):
+        BranchingMixer(8, first, second, branch_ratio=1.5)

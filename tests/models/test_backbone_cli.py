@@ -5,7 +5,7 @@ backbone of each family by default (every backbone × layer pair is also built a
 step in tests/models/test_backbones.py); set CONVNN_FULL_SWEEP=1 to sweep every backbone.
 
 Sweep design: a Hydra sweep is a full product, so CNNs (`2d` layers) and ViTs (token mixers) are
-swept separately over the layers that fit them; an incompatible pair (vit + branching) is run on
+swept separately over the layers that fit them; an incompatible pair (CNN + kvt) is run on
 its own and must fail cleanly with the list of layers that fit.
 """
 
@@ -78,15 +78,15 @@ def test_sweep_every_cnn_with_every_2d_layer(tmp_path: Path) -> None:
 
 def test_sweep_every_vit_with_every_token_mixer(tmp_path: Path) -> None:
     layers = ["conv", "convnn", "convnn_attn", "attention", "kvt", "local_attention"]
-    layers.append("sparse_attention")
+    layers += ["sparse_attention", "branching", "branching_attn"]
     # `++`: Hydra checks sweep overrides against the default net (simple), which has no depth.
     _sweep(VITS, layers, ["++net.depth=2"], tmp_path)
 
 
 def test_incompatible_pair_fails_cleanly(tmp_path: Path) -> None:
-    proc = _main("net=vit_tiny", "layer=branching", *FAST, f"hydra.run.dir={tmp_path}")
+    proc = _main("net=simple", "layer=kvt", *FAST, f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
-    assert "layer=branching" in err and "'sparse_attention'" in err
+    assert "layer=kvt" in err and "'branching'" in err
     assert "Traceback" not in err
     assert not (tmp_path / "results.json").exists()

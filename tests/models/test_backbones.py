@@ -50,6 +50,8 @@ LAYER_OPTIONS: dict[str, dict[str, Any]] = {
 FITS_2D = ["attention", "branching", "branching_attn", "conv", "convnn", "convnn_attn"]
 FITS_TOKENS = [
     "attention",
+    "branching",
+    "branching_attn",
     "conv",
     "convnn",
     "convnn_attn",
@@ -312,3 +314,21 @@ def test_vgg_presets_build_the_published_network(preset: str) -> None:
         net = instantiate(cfg.net)(layer=LayerFactory("conv"), in_channels=3, num_classes=10,
                                    image_size=32)
         assert sum(p.numel() for p in net.parameters()) == 128_812_810
+
+
+@pytest.mark.parametrize(
+    ("name", "first", "second"),
+    [
+        ("branching", "Conv1dNNMixer", "Conv1dMixer"),
+        ("branching_attn", "ConvNNAttention", "MultiHeadAttention"),
+    ],
+)
+def test_vit_branching_token_mixers(name: str, first: str, second: str) -> None:
+    import convnn
+
+    f = LayerFactory(name, K=3, branch_ratio=0.25)
+    mixer = f.token_mixer(16)
+    assert isinstance(mixer, convnn.BranchingMixer)
+    assert (mixer.first_channels, mixer.second_channels) == (4, 12)
+    assert type(mixer.first).__name__ == first and type(mixer.second).__name__ == second
+    assert mixer(torch.randn(2, 5, 16)).shape == (2, 5, 16)
