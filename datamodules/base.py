@@ -88,7 +88,7 @@ def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:
 
 
 class BaseDataModule(pl.LightningDataModule):
-    """Common options of every dataset (SPEC §3).
+    """Common options of every dataset.
 
     Args:
         name: dataset name (for messages and logs).

@@ -115,7 +115,7 @@ class PathsConf:
     root_dir: str = "."
     data_dir: str = "data"
     log_dir: str = "outputs"
-    output_dir: str = "."
+    output_dir: Any = "."  # None under `--cfg job --resolve` (no run directory yet)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class TrainerConf:
     """The keyword arguments of ``lightning.pytorch.Trainer`` that configs may set."""
 
     _target_: str = "lightning.pytorch.Trainer"
-    default_root_dir: str = "${paths.output_dir}"
+    default_root_dir: Any = "${paths.output_dir}"
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1

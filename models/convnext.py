@@ -1,4 +1,4 @@
-"""ConvNeXt-mini: the lecture network (``cnn-lecture-notebook``), with a replaceable 7×7 layer.
+"""ConvNeXt-mini: the CNN lecture's network, with a replaceable 7×7 layer.
 
 4×4/4 stem → layer norm → 5 blocks at 32 ch → layer norm → 2×2/2 downsample → 5 blocks at 64 ch
 → 1×1 conv to classes → global average. A block is

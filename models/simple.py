@@ -15,7 +15,7 @@ __all__ = ["SimpleNet"]
 
 class SimpleNet(nn.Module):
     """``num_layers`` blocks of [layer → BatchNorm → ReLU] at full resolution, global average
-    pool, dropout and a linear head (SPEC §2).
+    pool, dropout and a linear head.
 
     Args:
         layer: factory of the 2-D layers (``layer.conv2d(in, out)``).

@@ -19,3 +19,12 @@ def test_main_help_lists_config_groups() -> None:
     ).stdout
     assert "== Configuration groups ==" in out
     assert "dataset: " in out
+
+
+def test_print_resolved_job_config() -> None:
+    """``--cfg job --resolve`` prints the resolved config (no run directory exists yet)."""
+    out = subprocess.run(
+        [sys.executable, "main.py", "--cfg", "job", "--resolve", "layer.K=5"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    assert "K: 5" in out and "padding: 1" in out and "Traceback" not in out

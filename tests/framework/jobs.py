@@ -1,6 +1,6 @@
 """Run many ``main.py`` invocations in one interpreter (torch is imported once) and report each.
 
-``python -m tests.framework.jobs SPEC.json OUT.json``: SPEC maps a job name to
+``python -m tests.framework.jobs JOBS.json OUT.json``: JOBS maps a job name to
 ``{"args": [...], "env": {...}, "offline": bool}``; OUT gets ``{name: {"rc", "output"}}`` where
 ``rc`` is the exit status ``main.py`` would have had and ``output`` its stdout + stderr. Used by
 the bad-configuration matrix, which would otherwise start ~100 interpreters.

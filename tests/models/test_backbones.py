@@ -201,7 +201,7 @@ def test_resnet_stride2_with_layer_is_layer_then_avgpool_on_odd_maps() -> None:
 
 # ------------------------------------------------------------------------------ ConvNeXt-mini
 class _LectureBlock(nn.Module):
-    """Transcribed from seeds/cnn-lecture-notebook.md (the independent reference)."""
+    """Transcribed from the CNN lecture notebook (the independent reference)."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
