@@ -5,8 +5,10 @@ Examples: ``python main.py experiment=quickstart``,
 """
 
 import logging
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from framework.checks import check_config
@@ -21,9 +23,13 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     """Run one job; the return value (test top-1) is what sweepers such as Optuna optimise."""
     check_config(cfg)  # fails fast, before torch and Lightning are even imported
+    from framework.console import configure_console
+    from framework.rundir import locked_run_dir
     from framework.train import run
 
-    return run(cfg, validate=False)["test/acc1"]
+    configure_console()  # after Lightning's import: one console line per record, rank 0 only
+    with locked_run_dir(Path(HydraConfig.get().runtime.output_dir)):  # multirun jobs too
+        return run(cfg, validate=False)["test/acc1"]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ and summarise multirun sweeps."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,7 +22,11 @@ from torch import nn
 from datamodules.base import BaseDataModule
 from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
 from framework.checks import ConfigError, check_config, check_layer_fits, resolve_ckpt_path
+from framework.faults import dumps_strict, run_callbacks, total_train_time, trainer_kwargs
 from framework.inspect import describe_model, load_weights
+from framework.loggers import KeepLoggedSteps
+from framework.resume import check_resume
+from framework.rundir import check_writable
 from models.layer_factory import LayerFactory
 from models.module import ImageClassifier
 
@@ -36,7 +39,7 @@ SCHEDULER_META = ("interval", "monitor")
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + ``os.replace``)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(dumps_strict(data))  # NaN/inf → null: strict JSON
     os.replace(tmp, path)
 
 
@@ -147,6 +150,7 @@ def build_callbacks(
             continue
         callbacks.append(callback)
     callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
+    callbacks += [*run_callbacks(cfg), KeepLoggedSteps()]  # faults: NaN stop, resume bookkeeping
     return callbacks
 
 
@@ -163,6 +167,8 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
     if validate:
         check_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    check_writable(run_dir, cfg)  # faults: before anything is written or trained
+    resume = check_resume(cfg, ckpt_path)  # faults: readable checkpoint, same config
     datamodule = build_datamodule(cfg)
     layer = build_layer(cfg)
     check_layer_fits(cfg.net._target_, layer, datamodule.dims)
@@ -171,18 +177,22 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     net = build_net(cfg, layer, datamodule)
     text, counts = describe_model(net, datamodule.dims)
-    (run_dir / "model.txt").write_text(text)
+    if ckpt_path is None or not (run_dir / "model.txt").is_file():  # a resume keeps it
+        (run_dir / "model.txt").write_text(text)
     log.info(
         "Model: %s params, %.2f MFLOPs per sample", f"{counts['params']:,}", counts["flops"] / 1e6
     )
     model = build_module(cfg, net, datamodule.num_classes)
     if cfg.init_from is not None:
         load_weights(model, str(cfg.init_from))
+    resume.check_model(model)
 
     ids = _checkpoint_ids(ckpt_path)
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
+    )
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
     hparams["run_dir"] = str(run_dir)
@@ -193,7 +203,7 @@ def run(cfg: DictConfig, validate: bool = True) -> dict[str, Any]:
     try:
         if not cfg.test_only:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        train_time = time.perf_counter() - start
+        train_time = total_train_time(trainer, time.perf_counter() - start)
         best = _best_checkpoint(trainer)
         if cfg.test_only and ckpt_path is not None:
             best = ckpt_path
