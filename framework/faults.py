@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,18 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 # ------------------------------------------------------------------------------------ NaN stop
 class StopOnNonFiniteLoss(Callback):
-    """Stops training when the epoch mean of ``monitor`` is NaN/inf for ``patience`` epochs in a
-    row. Runs before the checkpoint callbacks, so the failing epoch is never saved; with
+    """Stops training when an epoch ends with a non-finite mean of a ``monitor`` metric (by
+    default the training and validation loss) or non-finite weights/buffers, for ``patience``
+    epochs in a row. Runs before the checkpoint callbacks, so the failing epoch is never saved; with
     ``patience > 1`` the last finite ``last.ckpt`` is copied to ``last-finite.ckpt`` first."""
 
-    def __init__(self, patience: int = 1, monitor: str = "train/loss") -> None:
+    def __init__(
+        self, patience: int = 1, monitor: Sequence[str] = ("train/loss", "val/loss")
+    ) -> None:
         if int(patience) < 1:
             raise ValueError(f"callbacks.stop_on_nonfinite.patience={patience} must be ≥ 1")
         self.patience = int(patience)
-        self.monitor = monitor
+        self.monitor = [monitor] if isinstance(monitor, str) else list(monitor)
         self.bad_epochs = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -109,41 +113,53 @@ class StopOnNonFiniteLoss(Callback):
                     return path
         return None
 
+    def _problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        found = []
+        for name in self.monitor:
+            value = trainer.callback_metrics.get(name)
+            if value is not None and not math.isfinite(float(value)):
+                found.append(f"{name}={float(value)}")
+        bad = [
+            n
+            for n, t in pl_module.state_dict().items()
+            if t.is_floating_point() and not torch.isfinite(t).all()
+        ]  # weights and buffers (e.g. BatchNorm running_var overflowing to inf)
+        if bad:
+            found.append(f"{len(bad)} saved tensors hold NaN/inf (first: {bad[0]})")
+        return found
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the epoch mean; raise :class:`NonFiniteLossError` when patience runs out."""
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            return
-        value = float(value)
+        """Check the epoch; raise :class:`NonFiniteLossError` when patience runs out."""
+        problems = self._problems(trainer, pl_module)
         last = self._last_checkpoint(trainer)
-        if math.isfinite(value):
+        spare = last.parent / LAST_FINITE if last is not None else None
+        if not problems:
             self.bad_epochs = 0
-            if last is not None and (last.parent / LAST_FINITE).exists() and trainer.is_global_zero:
-                (last.parent / LAST_FINITE).unlink()
+            if spare is not None and spare.exists() and trainer.is_global_zero:
+                spare.unlink()
             return
         self.bad_epochs += 1
-        keep = last
         if self.bad_epochs < self.patience:
-            if last is not None and self.bad_epochs == 1 and trainer.is_global_zero:
-                shutil.copy2(last, last.parent / LAST_FINITE)
+            if last is not None and spare is not None and self.bad_epochs == 1:
+                if trainer.is_global_zero:
+                    shutil.copy2(last, spare)
             log.warning(
-                "epoch %d: %s=%s is not finite (%d of %d allowed)",
+                "epoch %d: %s (%d of %d non-finite epochs allowed)",
                 trainer.current_epoch,
-                self.monitor,
-                value,
+                "; ".join(problems),
                 self.bad_epochs,
                 self.patience,
             )
             return
-        if last is not None and (last.parent / LAST_FINITE).exists():
-            keep = last.parent / LAST_FINITE
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        keep = spare if spare is not None and spare.exists() else last
+        group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        lr = group.get("initial_lr", group.get("lr"))
         kept = f"The last finite checkpoint is {keep}." if keep else "No checkpoint was saved."
         raise NonFiniteLossError(
-            f"Training stopped at epoch {trainer.current_epoch}: {self.monitor}={value} is not "
-            f"finite ({self.bad_epochs} epoch(s) in a row; patience "
+            f"Training stopped at epoch {trainer.current_epoch}: {'; '.join(problems)} "
+            f"({self.bad_epochs} non-finite epoch(s) in a row; "
             f"callbacks.stop_on_nonfinite.patience={self.patience}). Likely causes: a learning "
-            f"rate too high (lr now {lr}; lower optimizer.lr), no gradient clipping (set "
+            f"rate too high (optimizer.lr={lr}; lower it), no gradient clipping (set "
             "trainer.gradient_clip_val=1.0), fp16 overflow (trainer.precision), or NaN/inf in "
             f"the inputs. {kept} Start a new run directory with the fix, e.g. with "
             "init_from=<that checkpoint> to keep its weights."
