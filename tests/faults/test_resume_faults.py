@@ -92,6 +92,7 @@ def test_checkpoint_of_another_network_without_stored_config_is_refused(
     assert "net.features.3.weight" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_more_epochs_resume_and_keep_every_record(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"  # not a copy: checkpoints remember their folder (best-model state)
     proc = run_main([*BASE, f"hydra.run.dir={run_dir}"])
