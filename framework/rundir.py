@@ -142,6 +142,9 @@ class RunDirLock:
                     continue  # released in the meantime
                 if record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
                     return False
+                if not record and time.time() - self._mtime() < 2.0:
+                    time.sleep(0.5)  # the owner may be writing its record right now
+                    continue
                 if not record or self.is_stale(record):
                     self._take_over(record)
                     continue
@@ -152,6 +155,12 @@ class RunDirLock:
             return True
         raise self._refusal(self.owner() or {})
 
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
     def _take_over(self, record: dict[str, Any]) -> None:
         """Remove a stale lock (renamed first, so two jobs cannot both remove a fresh one)."""
         aside = self.path.with_name(f".{LOCK_NAME}.stale.{os.getpid()}")
@@ -159,7 +168,10 @@ class RunDirLock:
             os.replace(self.path, aside)
         except FileNotFoundError:
             return
-        moved = json.loads(aside.read_text() or "{}") if aside.stat().st_size else {}
+        try:
+            moved = json.loads(aside.read_text())
+        except ValueError:
+            moved = {}
         if moved != record:  # someone else took over meanwhile and we moved their fresh lock
             os.replace(aside, self.path)
             return

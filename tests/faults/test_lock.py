@@ -59,6 +59,14 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_unreadable_old_lock_is_taken_over(tmp_path: Path) -> None:
+    lock_file = tmp_path / LOCK_NAME
+    lock_file.write_text("{not json")
+    os.utime(lock_file, (time.time() - 60, time.time() - 60))
+    assert RunDirLock(tmp_path).acquire() is True
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+
+
 def test_attempt_subdirs_never_reuse_a_folder(tmp_path: Path) -> None:
     assert attempt_subdir(tmp_path) == ".hydra"
     (tmp_path / ".hydra").mkdir()
