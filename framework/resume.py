@@ -187,7 +187,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str | None) -> ResumeCheck:
             "(see .hydra/config.yaml of the run directory), or start a new run directory with "
             "init_from=PATH to reuse the weights."
         )
-    for key in allowed:
+    for key in (k for k in allowed if k != "ckpt_path"):
         log.info("resume: %s %s → %s", key, _show(a.get(key, _UNSET)), _show(b.get(key, _UNSET)))
     if "trainer.max_epochs" in allowed and any(_matches(k, HORIZON) for k in allowed):
         log.warning(

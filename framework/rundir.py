@@ -3,6 +3,7 @@ attempt, and start-up checks that the outputs can be written (light imports: no 
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -239,6 +240,7 @@ class RunDirGuard(HydraCallback):
             sys.stderr.write(f"{err}\n")
             raise SystemExit(1) from None
         self._lock = lock
+        atexit.register(lock.release)  # also after Ctrl-C, which ends the run with SystemExit
         subdir = config.hydra.output_subdir
         if subdir is not None:
             with read_write(config.hydra), open_dict(config.hydra):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,3 +109,21 @@ def test_stale_lock_is_taken_over_by_a_cli_run(tmp_path: Path) -> None:
     assert "stale lock" in proc.stdout + proc.stderr
     assert (tmp_path / "results.json").is_file()
     assert not (tmp_path / LOCK_NAME).exists()  # released at the end
+
+
+def test_ctrl_c_releases_the_lock(tmp_path: Path) -> None:
+    args = [*TINY, "trainer.max_epochs=500", "scheduler=none", f"hydra.run.dir={tmp_path}"]
+    job = subprocess.Popen(main_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={**os.environ, "CI": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / LOCK_NAME).is_file()
+        job.send_signal(signal.SIGINT)
+        job.wait(timeout=60)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode != 0
+    assert not (tmp_path / LOCK_NAME).exists()
