@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import framework.rundir  # noqa: F401  (registers the ${attempt_subdir:} resolver)
 from framework.checks import check_config
 from framework.schemas import register_configs
 

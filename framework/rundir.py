@@ -19,7 +19,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from framework.checks import ConfigError
 
@@ -205,6 +205,22 @@ class RunDirLock:
             self.path.unlink(missing_ok=True)
 
 
+_ATTEMPTS: dict[tuple[str, str], str] = {}
+
+
+def _attempt_resolver(output_dir: str, subdir: str = ".hydra") -> str:
+    """``${attempt_subdir:<job dir>}``: this job's config folder, fixed once per process (Hydra
+    reads ``hydra.output_subdir`` again after writing into it)."""
+    key = (str(Path(output_dir).resolve()), subdir)
+    if key not in _ATTEMPTS:
+        _ATTEMPTS[key] = attempt_subdir(Path(key[0]), subdir)
+    return _ATTEMPTS[key]
+
+
+if not OmegaConf.has_resolver("attempt_subdir"):
+    OmegaConf.register_new_resolver("attempt_subdir", _attempt_resolver)
+
+
 def attempt_subdir(run_dir: Path, subdir: str = ".hydra") -> str:
     """Where Hydra should save this attempt's config: ``.hydra`` the first time, then
     ``.hydra/attempt-2``, ``.hydra/attempt-3``, … so earlier configs are never overwritten."""
@@ -219,8 +235,9 @@ def attempt_subdir(run_dir: Path, subdir: str = ".hydra") -> str:
 
 class RunDirGuard(HydraCallback):
     """Hydra callback of single runs: lock ``hydra.run.dir`` before Hydra writes anything into
-    it, and point ``hydra.output_subdir`` at a fresh per-attempt folder when the directory was
-    used before. Hydra turns callback exceptions into warnings, so a refusal exits here.
+    it (``hydra.output_subdir`` then picks the attempt's config folder, see
+    :func:`attempt_subdir`). Hydra turns callback exceptions into warnings, so a refusal exits
+    here.
 
     Only the rank-0 process locks (DDP ranks ≥ 1 re-run ``main.py`` in the same directory)."""
 
@@ -241,10 +258,6 @@ class RunDirGuard(HydraCallback):
             raise SystemExit(1) from None
         self._lock = lock
         atexit.register(lock.release)  # also after Ctrl-C, which ends the run with SystemExit
-        subdir = config.hydra.output_subdir
-        if subdir is not None:
-            with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.output_subdir = attempt_subdir(run_dir, str(subdir))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Release the lock (the job may have failed)."""
