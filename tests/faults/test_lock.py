@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from framework.rundir import LOCK_NAME, RunDirLock, RunDirLockedError, attempt_subdir
+from framework.rundir import (
+    LOCK_NAME,
+    RunDirLock,
+    RunDirLockedError,
+    _attempt_resolver,
+    attempt_subdir,
+)
 
 from ..framework.helpers import ROOT, TINY, main_cmd, run_main
 
@@ -75,6 +81,19 @@ def test_attempt_subdirs_never_reuse_a_folder(tmp_path: Path) -> None:
     assert attempt_subdir(tmp_path) == ".hydra/attempt-2"
     (tmp_path / ".hydra" / "attempt-2").mkdir()
     assert attempt_subdir(tmp_path) == ".hydra/attempt-3"
+
+
+def test_attempt_folder_is_chosen_once_per_job(tmp_path: Path) -> None:
+    """Hydra reads hydra.output_subdir again after writing config.yaml into it: the answer must
+    not move on to the next attempt then."""
+    assert _attempt_resolver(str(tmp_path)) == ".hydra"
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("a: 1\n")
+    assert _attempt_resolver(str(tmp_path)) == ".hydra"
+    other = tmp_path / "other"
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "config.yaml").write_text("a: 1\n")
+    assert _attempt_resolver(str(other)) == ".hydra/attempt-2"
 
 
 def test_second_job_in_a_busy_run_dir_is_refused(tmp_path: Path) -> None:
