@@ -5,10 +5,15 @@ Examples: ``python main.py experiment=quickstart``,
 """
 
 import logging
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import framework.rundir  # noqa: F401  (registers the ${attempt_subdir:} resolver)
+from framework.console import configure_console
+from framework.rundir import locked_run_dir
 from framework.schemas import register_configs
 from framework.train import run
 
@@ -24,7 +29,9 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     """Run one job; returns the best validation top-1 (what sweepers such as Optuna optimise;
     NaN when the run did no validation epoch)."""
-    value = run(cfg)[OBJECTIVE]
+    configure_console()  # one console line per record, rank 0 only
+    with locked_run_dir(Path(HydraConfig.get().runtime.output_dir)):  # multirun jobs too
+        value = run(cfg)[OBJECTIVE]
     return float("nan") if value is None else float(value)
 
 

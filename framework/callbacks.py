@@ -16,6 +16,8 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 
+from framework.console import running_metrics
+
 __all__ = [
     "EpochMetricsCSV",
     "PlainProgressBar",
@@ -165,12 +167,8 @@ class PlainProgressBar(ProgressBar):
         step = max(1, round(total * self.every))
         done = batch_idx + 1
         if done % step == 0 and done < total:
-            metrics = self.get_metrics(trainer, pl_module)
-            shown = "  ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in metrics.items()
-                if k.startswith("train/")
-            )
+            metrics = running_metrics(pl_module)  # this epoch's, not the last epoch's means
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             log.info("epoch %d  %d/%d  %s", trainer.current_epoch, done, total, shown)
 
 

@@ -3,6 +3,7 @@ into ``sweep_summary.csv`` and prints a table (light imports: no torch)."""
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import logging
@@ -42,14 +43,38 @@ class SweepSummary(HydraCallback):
             log.error("job #%s failed: %s", config.hydra.job.num, error)
         summarise_sweep(Path(config.hydra.sweep.dir))
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra skips ``on_multirun_end`` when a job failed: print the table at exit then."""
+        self._printed = False
+        sweep_dir = Path(config.hydra.sweep.dir)
+        atexit.register(self._print_at_exit, sweep_dir)
+
+    def _print_at_exit(self, sweep_dir: Path) -> None:
+        if getattr(self, "_printed", True):
+            return
+        rows = summarise_sweep(sweep_dir)
+        if rows:
+            self._print(rows, sweep_dir)
+            failed = sum(r["status"] != "ok" for r in rows)
+            log.error(
+                "%d of %d jobs failed; every job's row (results or error) is in %s",
+                failed,
+                len(rows),
+                sweep_dir / "sweep_summary.csv",
+            )
+
+    def _print(self, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+        self._printed = True
+        log_table(rows)
+        log.info("Sweep summary: %s", sweep_dir / "sweep_summary.csv")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the final summary and print the table."""
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarise_sweep(sweep_dir)
         if not rows:
             return
-        log_table(rows)
-        log.info("Sweep summary: %s", sweep_dir / "sweep_summary.csv")
+        self._print(rows, sweep_dir)
         failed = [r for r in rows if r["status"] != "ok"]
         if failed:
             details = "; ".join(f"#{r['job']} [{r['overrides']}] {r['error']}" for r in failed)
@@ -114,4 +139,6 @@ def log_table(rows: list[dict[str, Any]]) -> None:
             v = row.get(col, "")
             cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
         table.add_row(*cells)
-    Console(stderr=False).print(table)
+    # Wide enough for every column: without a terminal rich would cut the table to 80 columns.
+    width = Console(width=10_000).measure(table).maximum
+    Console(stderr=False, width=max(width, 80)).print(table)

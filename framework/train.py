@@ -3,7 +3,6 @@ and summarise multirun sweeps."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,7 +24,11 @@ from framework.build import build_module
 from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
 from framework.checks import validate
 from framework.ema import build_ema
+from framework.faults import dumps_strict, run_callbacks, total_train_time, trainer_kwargs
 from framework.inspect import describe_model, load_weights
+from framework.loggers import KeepLoggedSteps
+from framework.resume import check_resume
+from framework.rundir import check_writable
 from models.module import ImageClassifier
 
 __all__ = ["run", "write_json"]
@@ -37,7 +40,7 @@ SCHEDULER_META = ("interval", "monitor")
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + ``os.replace``)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(dumps_strict(data))  # NaN/inf → null: strict JSON
     os.replace(tmp, path)
 
 
@@ -98,6 +101,7 @@ def build_callbacks(
             continue
         callbacks.append(callback)
     callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
+    callbacks += [*run_callbacks(cfg), KeepLoggedSteps()]  # faults: NaN stop, resume bookkeeping
     return callbacks
 
 
@@ -115,8 +119,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if datamodule.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()
 
+    check_writable(run_dir, cfg)  # before anything is written or trained
+    check_resume(cfg, ckpt_path)  # a resume continues the same run: config compared
     text, counts = describe_model(net, datamodule.dims)
-    (run_dir / "model.txt").write_text(text)
+    if ckpt_path is None or not (run_dir / "model.txt").is_file():  # a resume keeps it
+        (run_dir / "model.txt").write_text(text)
     log.info(
         "Model: %s params, %.2f MFLOPs per sample", f"{counts['params']:,}", counts["flops"] / 1e6
     )
@@ -128,7 +135,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
     callbacks += build_ema(cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
+    )
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
     hparams["run_dir"] = str(run_dir)
@@ -139,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         if not cfg.test_only:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        train_time = time.perf_counter() - start
+        train_time = total_train_time(trainer, time.perf_counter() - start)
         best = _best_checkpoint(trainer)
         if cfg.test_only and ckpt_path is not None:
             best = ckpt_path
