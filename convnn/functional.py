@@ -40,6 +40,7 @@ __all__ = [
     "canonical_magnitude",
     "coordinate_grid_1d",
     "coordinate_grid_2d",
+    "gate_dropout_mask",
     "gather_neighbors",
     "knn_search",
     "pairwise_scores",
@@ -66,7 +67,7 @@ CUDA_MEMORY_FRACTION: float = 0.25
 MEMORY_BUDGET_ENV: str = "CONVNN_MEMORY_BUDGET"
 
 _EPS = 1e-12  # norm floor for cosine: x / max(||x||, eps)
-_SEARCH_BYTES_PER_SCORE = 16  # float32 score + int64 rank key + temporaries per score element
+_SEARCH_BYTES_PER_SCORE = 10  # float32 score + tie mask + int32 running count + topk temps
 _AGG_BYTES_FACTOR = 3  # gathered block + its gradient + the gated copy in backward
 
 
@@ -189,52 +190,35 @@ def _chunks(batch: int, nq: int, per_query: int, budget: int) -> list[tuple[int,
 
 
 # ----------------------------------------------------------------------------------- search
-def _order_keys(scores: Tensor) -> Tensor:
-    """Integer keys whose descending order is (score desc, NaN last, -0.0 == +0.0).
-
-    float32 → int64 ``ord(score) · 2³² + (M − 1 − column)``: one ``topk`` on the keys ranks by
-    score with ties going to the lower column, exactly and without asking the host. float64 →
-    int64 ``ord(score)`` (no room for the column: callers use a stable sort). ``scores`` is
-    overwritten (it is a scratch block).
-    """
-    inf = math.inf
-    scores.nan_to_num_(nan=-inf, posinf=inf, neginf=-inf)  # NaN ranks with -inf
-    if scores.dtype == torch.float64:
-        bits, mag = scores.view(torch.int64), 0x7FFFFFFFFFFFFFFF
-    else:
-        bits, mag = scores.view(torch.int32), 0x7FFFFFFF
-    neg = bits >> (bits.element_size() * 8 - 1)  # -1 where the sign bit is set, else 0
-    # sign-magnitude → two's complement; the final -neg maps -0.0 onto +0.0's key
-    bits.bitwise_xor_(neg & mag).sub_(neg)
-    if scores.dtype == torch.float64:
-        return bits
-    m = scores.shape[-1]
-    rev = torch.arange(m - 1, -1, -1, device=scores.device)
-    return torch.add(rev, bits.to(torch.int64), alpha=2**32)
-
-
 def _ordered_topk(
     scores: Tensor, k: int, *, self_cols: Tensor | None = None, exclude: Tensor | None = None
 ) -> Tensor:
     """Indices of the k largest entries along the last dim, ordered by (score desc, index asc).
 
-    Exact and sync-free: float32 scores are ranked through int64 keys that carry the column
-    (one ``topk``), float64 scores by a stable sort of their keys. ``self_cols`` (nq,) marks one
-    column per query row, ``exclude`` a boolean mask broadcast to ``scores``; both are ranked
-    below everything (NaN included). ``scores`` is overwritten.
+    ``torch.topk`` does not say which of several equal values it returns. Exact and sync-free
+    repair: every entry above the k-th value v is in the top k; the remaining slots go to the
+    lowest-index entries equal to v, found by ``searchsorted`` on the running count of
+    ``scores == v`` (no host round trip, no per-row branch). NaN ranks below every finite score;
+    ``self_cols`` (one column per query row) and the boolean ``exclude`` mask rank below that
+    (-inf). ``scores`` is overwritten (it is a scratch block).
     """
-    keys = _order_keys(scores)
+    scores.nan_to_num_(nan=torch.finfo(scores.dtype).min, posinf=math.inf, neginf=-math.inf)
     if self_cols is not None:
-        rows = torch.arange(self_cols.shape[0], device=keys.device)
-        keys[:, rows, self_cols] = _MASKED
+        rows = torch.arange(self_cols.shape[0], device=scores.device)
+        scores[:, rows, self_cols] = -math.inf
     if exclude is not None:
-        keys.masked_fill_(exclude, _MASKED)
-    if scores.dtype == torch.float64:
-        return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
-    return keys.topk(k, dim=-1, largest=True, sorted=True).indices
-
-
-_MASKED = -(2**63)  # key of an excluded entry (self): below every score, NaN included
+        scores.masked_fill_(exclude, -math.inf)
+    vals, idx = scores.topk(k, dim=-1, largest=True, sorted=True)
+    bound = vals[..., k - 1 :]
+    above = (vals > bound).sum(-1, keepdim=True)  # these slots are exact already
+    running = (scores == bound).cumsum(-1, dtype=torch.int32)
+    slot = torch.arange(k, device=scores.device)
+    nth_tie = (slot - above).clamp_(min=0).add_(1).to(torch.int32).contiguous()
+    idx = torch.where(slot < above, idx, torch.searchsorted(running, nth_tie))
+    # equal values above the boundary: lower index first
+    idx = idx.sort(dim=-1).values
+    order = scores.gather(-1, idx).sort(dim=-1, descending=True, stable=True).indices
+    return idx.gather(-1, order)
 
 
 def _check_search_args(
@@ -740,6 +724,17 @@ def _attend_backward(ctx, grad_out):
 
 
 _attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
+
+
+def gate_dropout_mask(
+    shape: torch.Size | tuple[int, ...], p: float, *, training: bool, device: torch.device
+) -> Tensor | None:
+    """Inverted-dropout multipliers (0 or 1/(1-p)) for (B, Nq, K) attention gates, or ``None``
+    when dropout is inactive (eval, or p = 0)."""
+    if not training or p <= 0.0:
+        return None
+    keep = 1.0 - p
+    return torch.empty(shape, device=device).bernoulli_(keep).div_(keep)
 
 
 def attend_neighbors(
