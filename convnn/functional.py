@@ -67,7 +67,7 @@ CUDA_MEMORY_FRACTION: float = 0.25
 MEMORY_BUDGET_ENV: str = "CONVNN_MEMORY_BUDGET"
 
 _EPS = 1e-12  # norm floor for cosine: x / max(||x||, eps)
-_SEARCH_BYTES_PER_SCORE = 10  # float32 score + tie mask + int32 running count + topk temps
+_SEARCH_BYTES_PER_SCORE = 8  # float32 score + tie mask + temporaries per score element
 _AGG_BYTES_FACTOR = 3  # gathered block + its gradient + the gated copy in backward
 
 
@@ -190,6 +190,32 @@ def _chunks(batch: int, nq: int, per_query: int, budget: int) -> list[tuple[int,
 
 
 # ----------------------------------------------------------------------------------- search
+_TIE_CHUNK = 32  # columns per chunk when locating the lowest-index ties
+
+
+def _nth_true(mask: Tensor, nth: Tensor) -> Tensor:
+    """Column of the ``nth[..., j]``-th True (1-based) in each row of ``mask`` (..., m).
+
+    Two levels, so that no full-width cumulative sum is needed: True counts per chunk of
+    :data:`_TIE_CHUNK` columns (one cheap reduction), ``searchsorted`` on their running total
+    picks the chunk, a cumulative sum inside the gathered chunks picks the column. Sync-free.
+    ``nth`` must not exceed a row's count of True.
+    """
+    m, size = mask.shape[-1], _TIE_CHUNK
+    whole = (m // size) * size
+    counts = mask[..., :whole].unflatten(-1, (m // size, size)).sum(-1, dtype=torch.int32)
+    if whole < m:
+        rest = mask[..., whole:].sum(-1, keepdim=True, dtype=torch.int32)
+        counts = torch.cat([counts, rest], dim=-1)
+    total = counts.cumsum(-1, dtype=torch.int32)
+    chunk = torch.searchsorted(total, nth).clamp_(max=total.shape[-1] - 1)
+    before = torch.where(chunk > 0, total.gather(-1, (chunk - 1).clamp_(min=0)), 0)
+    cols = chunk.unsqueeze(-1) * size + torch.arange(size, device=mask.device)
+    inside = mask.gather(-1, cols.clamp(max=m - 1).flatten(-2)).view(cols.shape) & (cols < m)
+    rank = (nth - before).unsqueeze(-1)
+    return chunk * size + (inside.cumsum(-1, dtype=torch.int32) < rank).sum(-1)
+
+
 def _ordered_topk(
     scores: Tensor, k: int, *, self_cols: Tensor | None = None, exclude: Tensor | None = None
 ) -> Tensor:
@@ -197,10 +223,9 @@ def _ordered_topk(
 
     ``torch.topk`` does not say which of several equal values it returns. Exact and sync-free
     repair: every entry above the k-th value v is in the top k; the remaining slots go to the
-    lowest-index entries equal to v, found by ``searchsorted`` on the running count of
-    ``scores == v`` (no host round trip, no per-row branch). NaN ranks below every finite score;
-    ``self_cols`` (one column per query row) and the boolean ``exclude`` mask rank below that
-    (-inf). ``scores`` is overwritten (it is a scratch block).
+    lowest-index entries equal to v (:func:`_nth_true`), with no host round trip and no per-row
+    branch. NaN ranks below every finite score; ``self_cols`` (one column per query row) and
+    the boolean ``exclude`` mask rank below that (-inf). ``scores`` is overwritten (scratch).
     """
     scores.nan_to_num_(nan=torch.finfo(scores.dtype).min, posinf=math.inf, neginf=-math.inf)
     if self_cols is not None:
@@ -211,10 +236,9 @@ def _ordered_topk(
     vals, idx = scores.topk(k, dim=-1, largest=True, sorted=True)
     bound = vals[..., k - 1 :]
     above = (vals > bound).sum(-1, keepdim=True)  # these slots are exact already
-    running = (scores == bound).cumsum(-1, dtype=torch.int32)
     slot = torch.arange(k, device=scores.device)
-    nth_tie = (slot - above).clamp_(min=0).add_(1).to(torch.int32).contiguous()
-    idx = torch.where(slot < above, idx, torch.searchsorted(running, nth_tie))
+    nth_tie = (slot - above).clamp_(min=0).add_(1).to(torch.int32)
+    idx = torch.where(slot < above, idx, _nth_true(scores == bound, nth_tie))
     # equal values above the boundary: lower index first
     idx = idx.sort(dim=-1).values
     order = scores.gather(-1, idx).sort(dim=-1, descending=True, stable=True).indices

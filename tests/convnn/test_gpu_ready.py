@@ -383,3 +383,20 @@ def test_compiled_branching_net_never_recompiles_or_breaks() -> None:
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_ties_spanning_many_chunks_match_a_stable_sort(include_self: bool) -> None:
+    """Integer features: hundreds of exact ties per row, across several tie-search chunks."""
+    torch.manual_seed(9)
+    x = torch.randint(-1, 2, (2, 150, 2)).float()
+    scores = cf.pairwise_scores(x, x, "euclidean")
+    if include_self:
+        scores[:, torch.arange(150), torch.arange(150)] = -math.inf
+    for K in (2, 9, 40, 100):
+        got = knn_search(x, x, K, "euclidean", include_self=include_self, memory_budget=5000)
+        order = torch.argsort(-scores, dim=-1, stable=True)
+        ref = order[..., : K - 1] if include_self else order[..., :K]
+        if include_self:
+            ref = torch.cat([torch.arange(150).view(1, 150, 1).expand(2, 150, 1), ref], dim=-1)
+        assert torch.equal(got, ref), K
