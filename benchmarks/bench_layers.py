@@ -1,4 +1,4 @@
-"""Forward+backward time and peak memory of the ConvNN layers (SPEC §1.6).
+"""Forward+backward time and peak memory of the ConvNN layers.
 
 Compares, in one run and at the same shapes:
 
@@ -678,7 +678,7 @@ def _find(results: list[Result], kind: str, sampling: str = "all", **shape: int)
 
 
 def _verdicts(results: list[Result]) -> list[str]:
-    """Target lines (SPEC §1.6): at R ≥ 2.5× faster and ≥ 4× less peak memory than the dense
+    """Target lines: at R ≥ 2.5× faster and ≥ 4× less peak memory than the dense
     baseline; Conv2dNN at 128×128 with B = 8 within 4 GiB."""
     lines = []
     ref = {"batch": 32, "channels": 64, "out_channels": 64, "height": 32, "width": 32, "K": 9}

@@ -1,4 +1,4 @@
-"""ConvNN-Attention (SPEC §1.5): top-K attention whose selected neighbours are aggregated by a
+"""ConvNN-Attention: top-K attention whose selected neighbours are aggregated by a
 learned filter over their rank.
 
 For each query token i (per head): q, k, v are 1×1 projections; the K best keys under
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convnn.functional import aggregate_neighbors, gather_neighbors, knn_search, selected_scores
+from convnn.functional import attend_neighbors, gate_dropout_mask, knn_search, selected_scores
 from convnn.layers import ConvNNBase, TokenMap
-from convnn.recording import note_selection
+from convnn.recording import is_recording, note_selection
 
 __all__ = [
     "CONVOLUTION_TYPES",
@@ -131,7 +131,6 @@ class _ConvNNAttentionBase(ConvNNBase):
         self.q_proj = nn.Linear(search_channels, c, bias=False)
         self.k_proj = nn.Linear(search_channels, c, bias=False)
         self.v_proj = nn.Linear(value_channels, c, bias=False)
-        self.attn_drop = nn.Dropout(self.attention_dropout)
         if convolution_type == "standard":
             self.weight = nn.Parameter(torch.empty(o, c, self.K))
             self.bias: nn.Parameter | None = nn.Parameter(torch.empty(o))
@@ -157,8 +156,9 @@ class _ConvNNAttentionBase(ConvNNBase):
             _conv1d_init(self.pointwise_weight, self.pointwise_bias)
 
     def mix(self, tokens: TokenMap) -> Tensor:
-        """Per head: top-K keys of each query, softmax gates, filtered aggregation; merge heads,
-        output projection. Returns (B, Nq, O')."""
+        """Per head: top-K keys of each query, then scores, gates and filtered aggregation in
+        one fused op (:func:`convnn.functional.attend_neighbors`); merge heads, output
+        projection. Returns (B, Nq, O')."""
         h, mt = self.num_heads, self.magnitude_type
         search, values = tokens.search, tokens.values
         if self._add_search_coords:
@@ -179,35 +179,59 @@ class _ConvNNAttentionBase(ConvNNBase):
             candidates=tokens.candidates,
             query_positions=qpos,
             include_self=sampled,
+            memory_budget=tokens.memory_budget,
         )
         if self.similarity_type == "Loc":
             idx = idx.sort(dim=-1).values
-        scores = selected_scores(q, k, idx, mt)  # float32, differentiable, (B·h, Nq, K)
-        gates = scores.softmax(dim=-1) if self.softmax_topk_val else scores
-        note_selection(self, tokens, idx, gates)  # no-op unless convnn.record_neighbors is active
-        gates = self.attn_drop(gates).to(v.dtype)
-        return self.out_proj(self._aggregate(v, idx, gates))
+        if is_recording():  # the gates over the K, only inside convnn.record_neighbors
+            with torch.no_grad():
+                scores = selected_scores(q, k, idx, mt)
+                gates = scores.softmax(dim=-1) if self.softmax_topk_val else scores
+            note_selection(self, tokens, idx, gates)
+        mask = gate_dropout_mask(
+            idx.shape, self.attention_dropout, training=self.training, device=idx.device
+        )
+        return self.out_proj(self._aggregate(q, k, v, idx, mask, tokens.memory_budget))
 
-    def _aggregate(self, v: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
-        """Filter the gated neighbours of every head; (B·h, ·, d) inputs -> (B, Nq, ·)."""
+    def _aggregate(
+        self, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor | None, budget: int | None
+    ) -> Tensor:
+        """Gated, filtered aggregation of every head; (B·h, ·, d) inputs -> (B, Nq, ·)."""
         h = self.num_heads
         bh, nq, kk = idx.shape
         b, d = bh // h, v.shape[-1]
+        common = {"softmax": self.softmax_topk_val, "heads": h, "gate_mask": mask}
         if self.convolution_type == "standard":
-            if h == 1:
-                return aggregate_neighbors(v, idx, self.weight, self.bias, gates)
-            v, idx, gates = (t.unflatten(0, (b, h)) for t in (v, idx, gates))
-            out = self.bias
-            for j in range(h):
-                w = self.weight[:, j * d : (j + 1) * d]
-                part = aggregate_neighbors(v[:, j], idx[:, j], w, None, gates[:, j])
-                out = part + out
-            return out
+            o = self.weight.shape[0]
+            # (O, h·d, K) -> per head (h, K·d, O): row k·d + c of head j is W[:, j·d + c, k]
+            w = self.weight.view(o, h, d, kk).permute(1, 3, 2, 0).reshape(h, kk * d, o)
+            out = attend_neighbors(
+                q,
+                k,
+                v,
+                idx,
+                self.magnitude_type,
+                weight=w,
+                mode="standard",
+                memory_budget=budget,
+                **common,
+            )
+            out = out.unflatten(0, (b, h)).sum(1)
+            return out + self.bias.to(out.dtype)
         # depthwise: out[c] = Σ_k W[c, 0, k] · g_k · v[idx_k, c], per head on its own channels
-        gathered = gather_neighbors(v, idx).unflatten(0, (b, h))  # (B, h, Nq, K, d)
-        w = self.weight.to(v.dtype).view(h, d, kk).transpose(1, 2).unsqueeze(1)  # (h, 1, K, d)
-        out = torch.einsum("bhnk,bhnkd->bnhd", gates.unflatten(0, (b, h)), gathered * w)
-        out = out.reshape(b, nq, h * d)
+        w = self.weight.view(h, d, kk).transpose(1, 2)  # (h, K, d)
+        out = attend_neighbors(
+            q,
+            k,
+            v,
+            idx,
+            self.magnitude_type,
+            weight=w,
+            mode="depthwise",
+            memory_budget=budget,
+            **common,
+        )
+        out = out.unflatten(0, (b, h)).transpose(1, 2).reshape(b, nq, h * d)
         if self.convolution_type == "depthwise-separable":
             out = F.linear(out, self.pointwise_weight.squeeze(-1), self.pointwise_bias)
         return out
@@ -230,7 +254,7 @@ def _conv1d_init(weight: Tensor, bias: Tensor) -> None:
 
 
 class Conv1dNNAttention(_ConvNNAttentionBase):
-    """ConvNN-Attention over a sequence (B, C, T) → (B, O, T') (SPEC §1.5).
+    """ConvNN-Attention over a sequence (B, C, T) → (B, O, T').
 
     Shares every keyword of :class:`convnn.Conv1dNN`, plus ``num_heads`` (independent searches
     on C/h channel groups), ``attention_dropout`` (on the gates), ``convolution_type``
@@ -289,7 +313,7 @@ class Conv1dNNAttention(_ConvNNAttentionBase):
 
 
 class Conv2dNNAttention(_ConvNNAttentionBase):
-    """ConvNN-Attention over an image (B, C, H, W) → (B, O, H', W') (SPEC §1.5).
+    """ConvNN-Attention over an image (B, C, H, W) → (B, O, H', W').
 
     Same keywords as :class:`Conv1dNNAttention`; tokens are the pixels in raster order and
     ``coordinate_encoding`` adds the two coordinate channels (x = columns, y = rows).

@@ -1,4 +1,4 @@
-"""Branching (SPEC §1.5): two layers in parallel on one input, concatenated, then a 1×1 conv."""
+"""Branching: two layers in parallel on one input, concatenated, then a 1×1 conv."""
 
 from __future__ import annotations
 

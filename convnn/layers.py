@@ -1,4 +1,4 @@
-"""ConvNN layers with hard neighbour selection (SPEC §1): :class:`Conv1dNN`, :class:`Conv2dNN`.
+"""ConvNN layers with hard neighbour selection: :class:`Conv1dNN`, :class:`Conv2dNN`.
 
 Both are built on :class:`ConvNNBase`, which owns everything that is not the "mix" step
 (argument validation, shuffles, padding, coordinates, search features, candidate sampling,
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnn.functional import (
+    _op_budget,
     aggregate_neighbors,
     canonical_magnitude,
     coordinate_grid_1d,
@@ -36,6 +37,7 @@ __all__ = [
     "Conv2d_NN",
     "ConvNNBase",
     "TokenMap",
+    "check_floating",
 ]
 
 SIMILARITY_TYPES: tuple[str, ...] = ("Col", "Loc", "Loc_Col")
@@ -51,7 +53,8 @@ class TokenMap(NamedTuple):
     (B, Np, d) their coordinates or ``None`` when unused, ``search`` (B, Np, Ds) the search
     features, ``values`` (B, Np, Cv) the features to aggregate, ``query_positions`` (Nq,) the
     original (unpadded) positions among the Np tokens, ``candidates`` (M,) or ``None`` (all),
-    ``shape`` the unpadded spatial shape after unshuffle.
+    ``shape`` the unpadded spatial shape after unshuffle, ``memory_budget`` the work-block
+    budget of this call (resolved once per forward; ``-1`` = resolve inside the ops).
     """
 
     features: Tensor
@@ -61,6 +64,15 @@ class TokenMap(NamedTuple):
     query_positions: Tensor
     candidates: Tensor | None
     shape: tuple[int, ...]
+    memory_budget: int | None = None
+
+
+def check_floating(module: nn.Module, x: Tensor) -> None:
+    """Raise ``TypeError`` for a non-floating input: weights would be silently cast to it."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{type(module).__name__} expects a floating-point input, got dtype {x.dtype}"
+        )
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -180,6 +192,7 @@ class ConvNNBase(nn.Module):
             candidates=tokens.candidates,
             query_positions=tokens.query_positions,
             include_self=True,
+            memory_budget=tokens.memory_budget,
         )
         if self.similarity_type == "Loc":
             idx = idx.sort(dim=-1).values
@@ -194,6 +207,7 @@ class ConvNNBase(nn.Module):
                 f"{type(self).__name__} expects input {layout} with C={self.in_channels}, "
                 f"got shape {tuple(x.shape)}"
             )
+        check_floating(self, x)
         if self.unshuffle_before:
             self._check_divisible(tuple(x.shape[2:]))
             s = self.shuffle_scale
@@ -234,7 +248,8 @@ class ConvNNBase(nn.Module):
         values = feats if self.aggregation_type == "Col" else torch.cat([feats, coords], dim=-1)
         qpos = self._query_positions(shape, x.device)
         cand = self.sampler.candidates(shape, p, K=self.K, training=self.training, device=x.device)
-        return TokenMap(feats, coords, search, values, qpos, cand, shape)
+        budget = _op_budget(x.device, None)
+        return TokenMap(feats, coords, search, values, qpos, cand, shape, budget)
 
     def extra_repr(self) -> str:
         parts = [
@@ -294,7 +309,9 @@ class _ConvNNHard(ConvNNBase):
 
     def mix(self, tokens: TokenMap) -> Tensor:
         idx = self.select_neighbors(tokens)
-        return aggregate_neighbors(tokens.values, idx, self.weight, self.bias)
+        return aggregate_neighbors(
+            tokens.values, idx, self.weight, self.bias, memory_budget=tokens.memory_budget
+        )
 
     # help() and IDEs show the full keyword list (declared once, on ConvNNBase).
     __init__.__signature__ = inspect.signature(ConvNNBase.__init__)  # type: ignore[attr-defined]
@@ -302,14 +319,14 @@ class _ConvNNHard(ConvNNBase):
 
 class Conv1dNN(_ConvNNHard):
     """ConvNN over a sequence (B, C, T) → (B, O, T'): each token's K nearest tokens in feature
-    space, aggregated by a learned (O, C, K) filter over their rank (SPEC §1)."""
+    space, aggregated by a learned (O, C, K) filter over their rank."""
 
     spatial_dims = 1
 
 
 class Conv2dNN(_ConvNNHard):
     """ConvNN over an image (B, C, H, W) → (B, O, H', W'): each pixel's K nearest pixels in
-    feature space, aggregated by a learned (O, C, K) filter over their rank (SPEC §1)."""
+    feature space, aggregated by a learned (O, C, K) filter over their rank."""
 
     spatial_dims = 2
 

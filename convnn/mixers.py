@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convnn.functional import attend_neighbors, gate_dropout_mask, knn_search
+from convnn.layers import Conv1dNN, check_floating
+
 __all__ = [
     "SPARSE_PATTERNS",
     "Attention2d",
@@ -86,6 +89,7 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, in_dim) → (B, N, out_dim)."""
+        check_floating(self, x)
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
@@ -119,16 +123,18 @@ class KNNAttention(_SelfAttention):
         super().__init__(dim, num_heads, attention_dropout)
         self.K = _check_int("K", K, 1)
 
-    def _mask(self, q: Tensor, k: Tensor) -> Tensor | None:
-        n = k.shape[-2]
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Blocked top-K search, then softmax and sum over the K selected keys only: no
+        (N, N) mask or score matrix is materialised (``K ≥ N``: plain SDPA)."""
+        b, h, n, d = q.shape
         if self.K >= n:
-            return None
-        with torch.no_grad():
-            scores = q.float() @ k.float().transpose(-2, -1)
-            idx = scores.topk(self.K, dim=-1).indices
-            mask = torch.zeros_like(scores, dtype=torch.bool)
-            mask.scatter_(-1, idx, True)
-        return mask
+            return self._sdpa(q, k, v, None)
+        q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
+        idx = knn_search(q, k, self.K, "matmul", include_self=False)
+        p = self.attention_dropout
+        mask = gate_dropout_mask(idx.shape, p, training=self.training, device=q.device)
+        out = attend_neighbors(q, k, v, idx, "matmul", mode="sum", gate_mask=mask)
+        return out.view(b, h, n, d)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.K}"
@@ -286,8 +292,6 @@ class Conv1dNNMixer(nn.Module):
     def __init__(self, dim: int, **convnn_kwargs: Any) -> None:
         super().__init__()
         _check_int("dim", dim, 1)
-        from convnn import Conv1dNN  # the core layer; imported lazily (other module of convnn)
-
         self.dim = dim
         self.layer = Conv1dNN(dim, dim, **convnn_kwargs)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NeighborRecord", "note_selection", "record_neighbors"]
+__all__ = ["NeighborRecord", "is_recording", "note_selection", "record_neighbors"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,11 @@ class _Recorder:
 
 
 _ACTIVE: ContextVar[_Recorder | None] = ContextVar("convnn_neighbor_recorder", default=None)
+
+
+def is_recording() -> bool:
+    """Whether a :func:`record_neighbors` block is active (layers skip recording work otherwise)."""
+    return _ACTIVE.get() is not None
 
 
 def note_selection(module: nn.Module, tokens: Any, idx: Tensor, weights: Tensor | None) -> None:

@@ -1,4 +1,4 @@
-"""Candidate sampling shared by every ConvNN layer (SPEC §1.2): ``all``, ``random``, ``spatial``.
+"""Candidate sampling shared by every ConvNN layer ``all``, ``random``, ``spatial``.
 
 A :class:`CandidateSampler` turns a (padded) token map into the candidate key indices that the
 search may choose from, shared across the batch, or ``None`` for "every token". It holds only
@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["EVAL_SAMPLING", "EVAL_SEED", "SAMPLING_TYPES", "CandidateSampler"]
+__all__ = [
+    "EVAL_SAMPLING",
+    "EVAL_SEED",
+    "SAMPLING_TYPES",
+    "CandidateSampler",
+    "grid_positions",
+]
 
 SAMPLING_TYPES: tuple[str, ...] = ("all", "random", "spatial")
 EVAL_SAMPLING: tuple[str, ...] = ("fixed", "random")
@@ -20,6 +26,17 @@ EVAL_SEED: int = 0
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def grid_positions(start: int, end: int, n: int) -> list[int]:
+    """Sorted distinct ``int(x)`` of ``torch.linspace(start, end, n, dtype=float64)``, in plain
+    Python (same formula as the kernel), so that the grid is a constant under ``torch.compile``."""
+    if n == 1:
+        return [int(float(start))]
+    step = (end - start) / (n - 1)
+    half = n // 2
+    vals = [start + step * i if i < half else end - step * (n - 1 - i) for i in range(n)]
+    return sorted({int(v) for v in vals})
 
 
 class CandidateSampler:
@@ -97,7 +114,6 @@ class CandidateSampler:
             f"sample_padding={self.sample_padding}, eval_sampling={self.eval_sampling!r})"
         )
 
-    @torch.compiler.disable
     def candidates(
         self,
         spatial_shape: tuple[int, ...],
@@ -160,10 +176,9 @@ class CandidateSampler:
                         f"sample_padding={q} leaves no grid on an input map of spatial shape "
                         f"{shape}; valid range: 0 <= sample_padding <= {(min(shape) - 1) // 2}"
                     )
-                pos = torch.linspace(q, size - 1 - q, n, dtype=torch.float64).long()
-                axes.append(torch.unique(pos) + padding)
+                axes.append([p + padding for p in grid_positions(q, size - 1 - q, n)])
             if len(axes) == 1:
-                return axes[0]
+                return torch.tensor(axes[0])
             rows, cols = axes
-            return (rows.view(-1, 1) * padded[1] + cols.view(1, -1)).reshape(-1)
+            return torch.tensor([r * padded[1] + c for r in rows for c in cols])
         return None

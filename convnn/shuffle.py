@@ -1,4 +1,4 @@
-"""1-D pixel shuffle (SPEC §1.4): ``PixelShuffle1d`` and ``PixelUnshuffle1d`` are exact inverses.
+"""1-D pixel shuffle: ``PixelShuffle1d`` and ``PixelUnshuffle1d`` are exact inverses.
 
 Channel layout follows :class:`torch.nn.PixelShuffle`: ``out[b, c, t·r + i] = in[b, c·r + i, t]``.
 """

@@ -1,4 +1,4 @@
-"""ConvNN-Attention layers (SPEC §1.5): equality with softmax attention, a dense reference for
+"""ConvNN-Attention layers: equality with softmax attention, a dense reference for
 every convolution type, head separation, self handling in sampled modes, gradients, errors."""
 
 from __future__ import annotations

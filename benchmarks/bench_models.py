@@ -1,0 +1,385 @@
+"""Whole-network training-step cost: VGG11, ResNet18 and ViT-Tiny with each layer option.
+
+One case = one backbone built with ``models.layer_factory.LayerFactory(layer, ...)``, trained
+for a few steps with AdamW on random CIFAR-shaped data (batch 64, 3×32×32, 10 classes), in
+fp32 or under bf16 autocast. A step is forward + cross-entropy + backward + ``optimizer.step()``.
+
+Every case runs in a **fresh subprocess**:
+
+* CPU memory: after imports, model and optimizer creation and a warm-up step at batch 2 (which
+  creates the AdamW state and the thread pools) the process's peak-RSS mark is reset
+  (``/proc/self/clear_refs`` ← 5) and the current RSS is the baseline; the first full-batch
+  step follows and its peak growth is ``VmHWM − baseline`` (activations, gradients and
+  temporaries; parameters and optimizer state are in the baseline).
+* CUDA memory: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+  what was allocated at the baseline.
+* Time: the memory step doubles as the full-size warm-up; then ``--repeats`` timed steps (cut
+  to ``--case-budget`` seconds, at least 2), synchronised on CUDA; median and inter-quartile
+  range.
+
+ConvNN layers use ``padding=1`` (the original default) and the library defaults otherwise
+(K = 9, cosine for ``convnn``/``branching``, matmul for ``convnn_attn``, sampling ``all``).
+ViT-Tiny uses 3 heads for the attention-type mixers.
+
+Usage::
+
+    python benchmarks/bench_models.py                          # CPU, fp32 + bf16, all models
+    python benchmarks/bench_models.py --quick --out /tmp/x      # smoke run
+    python benchmarks/bench_models.py --device cuda --repeats 20
+
+Results: ``<out>/models.md`` and ``<out>/models.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_layers import (
+    GIB,
+    MIB,
+    REPO,
+    RESULT_MARK,
+    _command_line,
+    _cpu_model,
+    _fmt_ms,
+    _git_rev,
+    _mem_total_available,
+    _proc_status_bytes,
+    _quartiles,
+    _reset_peak_rss,
+)
+
+MODELS = ("vgg11", "resnet18", "vit_tiny")
+LAYERS = ("conv", "convnn", "convnn_attn", "branching", "attention")
+PRECISIONS = ("fp32", "bf16")
+CONVNN_LAYERS = ("convnn", "convnn_attn", "branching")
+TOKEN_LAYERS = ("conv", "convnn", "convnn_attn", "attention")  # what fits a transformer
+
+
+def default_vgg_head() -> str:
+    """The original 7×7-pool → 4096 → 4096 head: ``original`` where the backbone has it, else
+    its older name ``imagenet``."""
+    from models.vgg import HEADS
+
+    return "original" if "original" in HEADS else "imagenet"
+
+
+def build_model(model: str, layer: str, vgg_head: str):
+    """Backbone ``model`` with every replaceable layer built by ``LayerFactory(layer)``."""
+    from models.layer_factory import LayerFactory
+
+    options: dict[str, Any] = {}
+    if layer in CONVNN_LAYERS:
+        options["padding"] = 1
+    if model == "vit_tiny" and layer in ("attention", "convnn_attn"):
+        options["num_heads"] = 3
+    factory = LayerFactory(layer, sampling={"type": "all"}, **options)
+    if model == "vgg11":
+        from models.vgg import VGG
+
+        return VGG(factory, num_classes=10, image_size=32, depth=11, head=vgg_head)
+    if model == "resnet18":
+        from models.resnet import ResNet
+
+        return ResNet(factory, num_classes=10, image_size=32, depth=18)
+    from models.vit import ViT
+
+    return ViT(factory, num_classes=10, image_size=32, patch_size=4, dim=192, depth=12)
+
+
+def fits(model: str, layer: str) -> bool:
+    """Whether ``layer`` has a role in ``model`` (branching is 2-D only)."""
+    return layer in TOKEN_LAYERS if model == "vit_tiny" else True
+
+
+# ------------------------------------------------------------------------------ the worker
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in this (fresh) process; returns the raw numbers."""
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    is_cuda = device.type == "cuda"
+    net = build_model(spec["model"], spec["layer"], spec["vgg_head"]).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    params = sum(p.numel() for p in net.parameters())
+    bf16 = spec["precision"] == "bf16"
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 3, 32, 32, device=device)
+        return x, torch.randint(0, 10, (n,), device=device)
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    step(*batch(2))  # AdamW state, thread pools, lazy kernels
+    full = batch(spec["batch"])
+    gc.collect()
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        first = step(*full)
+        peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    else:
+        reset = _reset_peak_rss()
+        base = _proc_status_bytes("VmRSS")
+        first = step(*full)
+        peak = _proc_status_bytes("VmHWM") - base
+        method = "VmHWM after clear_refs reset" if reset else "VmHWM (no reset: ≥)"
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while len(times) < spec["repeats"]:
+        times.append(step(*full))
+        spent = time.perf_counter() - t_start
+        if len(times) >= 2 and spent + spent / len(times) > spec["case_budget"]:
+            break
+    return {
+        "times_ms": times,
+        "first_step_ms": first,
+        "peak_growth_bytes": peak,
+        "memory_method": method,
+        "params": params,
+        "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> tuple[dict[str, Any] | None, str, float]:
+    """Run the worker in a fresh interpreter; (result or None, error text, wall seconds)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO)
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s", time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :]), "", wall
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-3:]
+    return None, f"exit code {proc.returncode}: " + " | ".join(tail), wall
+
+
+# ---------------------------------------------------------------------------------- driver
+def _machine(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    total, _ = _mem_total_available()
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "mem_total_gib": total / GIB,
+        "torch": torch.__version__,
+        "torch_threads": args.threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": args.device,
+        "git": _git_rev(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_properties(torch.device(args.device)).name
+    return info
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every case and collect the report."""
+    machine = _machine(args)
+    started = dt.datetime.now(dt.timezone.utc)
+    cases = [
+        (m, layer, prec)
+        for m in args.models
+        for prec in args.precisions
+        for layer in args.layers
+        if fits(m, layer)
+    ]
+    results = []
+    for i, (model, layer, prec) in enumerate(cases, 1):
+        spec = {
+            "model": model,
+            "layer": layer,
+            "precision": prec,
+            "device": args.device,
+            "threads": args.threads,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "case_budget": args.case_budget,
+            "vgg_head": args.vgg_head,
+            "seed": 0,
+        }
+        raw, err, wall = _spawn(spec, args.case_timeout)
+        res = {"model": model, "layer": layer, "precision": prec, "wall_s": wall}
+        if raw is None:
+            res.update(status="failed", reason=err)
+            print(f"[{i:>2}/{len(cases)}] {model:<9} {layer:<12} {prec}: {err}", flush=True)
+        else:
+            res.update(status="ok", **raw)
+            print(
+                f"[{i:>2}/{len(cases)}] {model:<9} {layer:<12} {prec}: "
+                f"{statistics.median(raw['times_ms']):8.0f} ms  "
+                f"{raw['peak_growth_bytes'] / MIB:8.0f} MiB  (n={len(raw['times_ms'])}, "
+                f"{wall:.0f} s)",
+                flush=True,
+            )
+        results.append(res)
+    machine["loadavg_end"] = list(os.getloadavg())
+    return {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": _command_line(),
+        "machine": machine,
+        "settings": {
+            "batch": args.batch,
+            "image": "3×32×32",
+            "classes": 10,
+            "optimizer": "AdamW(lr=1e-3)",
+            "vgg_head": args.vgg_head,
+            "convnn_padding": 1,
+        },
+        "results": results,
+    }
+
+
+def _ratio_note(results: list[dict[str, Any]], model: str, prec: str) -> dict[str, float]:
+    """Median step time of each layer divided by the ``conv`` one (same model, precision)."""
+    med = {
+        r["layer"]: statistics.median(r["times_ms"])
+        for r in results
+        if r["model"] == model and r["precision"] == prec and r["status"] == "ok"
+    }
+    conv = med.get("conv", math.nan)
+    return {k: v / conv for k, v in med.items()}
+
+
+def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """``models.md`` (tables) and ``models.json`` (raw numbers) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "models.json"
+    js.write_text(json.dumps(report, indent=1, default=str))
+    m = report["machine"]
+    s = report["settings"]
+    load0 = "/".join(f"{v:.1f}" for v in m["loadavg_start"])
+    load1 = "/".join(f"{v:.1f}" for v in m["loadavg_end"])
+    lines = [
+        "# Whole-network training step: time and peak memory",
+        "",
+        f"- Date: {report['date']}",
+        f"- Command: `{report['command']}`",
+        f"- Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs "
+        f"({m['cpus_usable']} usable), {m['mem_total_gib']:.1f} GiB RAM"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
+        f"- Software: torch {m['torch']}, Python {m['python']}, {m['platform']}; device "
+        f"`{m['device']}`, torch threads {m['torch_threads']}; convnn at git {m['git']}",
+        f"- Load average (1/5/15 min) at start {load0}, at end {load1} — a load above the thread "
+        "count means other work shared the CPUs and the times are noisy.",
+        f"- Step: forward + cross-entropy + backward + AdamW step, batch {s['batch']}, "
+        f"{s['image']} random input, {s['classes']} classes; VGG11 head `{s['vgg_head']}` "
+        "(7×7 pool → 4096 → 4096); ConvNN layers with padding 1. Fresh subprocess per case; "
+        "time = median (IQR) of the timed steps after a warm-up; memory = peak growth of the "
+        "first full step over the state after a batch-2 warm-up step (see the script's "
+        "docstring).",
+        "",
+    ]
+    results = report["results"]
+    for model in MODELS:
+        rows = [r for r in results if r["model"] == model]
+        if not rows:
+            continue
+        lines += [
+            f"## {model}",
+            "",
+            "| layer | precision | n | step median [ms] | IQR [ms] | peak mem [MiB] | "
+            "time / conv |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for prec in PRECISIONS:
+            ratios = _ratio_note(results, model, prec)
+            for r in (x for x in rows if x["precision"] == prec):
+                if r["status"] != "ok":
+                    lines.append(f"| {r['layer']} | {prec} | – | {r['reason']} | | | |")
+                    continue
+                q1, q3 = _quartiles(r["times_ms"])
+                ratio = ratios.get(r["layer"], math.nan)
+                lines.append(
+                    f"| {r['layer']} | {prec} | {len(r['times_ms'])} | "
+                    f"**{_fmt_ms(statistics.median(r['times_ms']))}** | "
+                    f"{_fmt_ms(q1)}–{_fmt_ms(q3)} | {r['peak_growth_bytes'] / MIB:.0f} | "
+                    f"{'–' if math.isnan(ratio) else f'{ratio:.2f}×'} |"
+                )
+        lines.append("")
+    md = out / "models.md"
+    md.write_text("\n".join(lines))
+    return md, js
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--precisions", default=",".join(PRECISIONS))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per case, at most")
+    p.add_argument("--case-budget", type=float, default=20.0, help="seconds of timed steps")
+    p.add_argument("--case-timeout", type=float, default=600.0)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--vgg-head", default=None, help="default: original (or imagenet)")
+    p.add_argument("--quick", action="store_true", help="batch 8, 2 repeats, VGG11 conv/convnn")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats, args.models, args.layers = 8, 2, "vgg11", "conv,convnn"
+    for key in ("models", "layers", "precisions"):
+        setattr(args, key, [v for v in getattr(args, key).split(",") if v])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(RESULT_MARK + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.vgg_head is None:
+        args.vgg_head = default_vgg_head()
+    report = run_all(args)
+    md, js = write_reports(report, Path(args.out))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
