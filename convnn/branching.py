@@ -7,10 +7,39 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Branching", "BranchingMixer"]
+__all__ = ["Branching", "BranchingMixer", "split_channels"]
 
 LayerBuilder = Callable[[int, int], nn.Module]
 MixerBuilder = Callable[[int], nn.Module]
+
+
+def _check_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
+def split_channels(name: str, total: int, branch_ratio: float) -> tuple[int, int]:
+    """``(round(branch_ratio · total), the rest)``: the channels of the first and second branch.
+
+    Ratio 0 or 1 gives one branch; any other ratio must leave each branch at least one channel.
+    """
+    _check_size(name, total)
+    if (
+        isinstance(branch_ratio, bool)
+        or not isinstance(branch_ratio, (int, float))
+        or not 0.0 <= float(branch_ratio) <= 1.0
+    ):
+        raise ValueError(f"branch_ratio={branch_ratio!r} must be a number in [0, 1]")
+    first = round(float(branch_ratio) * total)
+    second = total - first
+    if 0.0 < branch_ratio < 1.0 and 0 in (first, second):
+        empty = "first" if first == 0 else "second"
+        raise ValueError(
+            f"branch_ratio={branch_ratio!r} leaves the {empty} branch with 0 of {total} "
+            "channels; use 0 or 1 for a single branch, or a ratio that gives each branch at "
+            "least one channel"
+        )
+    return first, second
 
 
 class Branching(nn.Module):
@@ -30,27 +59,13 @@ class Branching(nn.Module):
         branch_ratio: float = 0.5,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if (
-            isinstance(branch_ratio, bool)
-            or not isinstance(branch_ratio, (int, float))
-            or not 0.0 <= float(branch_ratio) <= 1.0
-        ):
-            raise ValueError(f"branch_ratio={branch_ratio!r} must be a number in [0, 1]")
+        _check_size("in_channels", in_channels)
+        self.first_channels, self.second_channels = split_channels(
+            "out_channels", out_channels, branch_ratio
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.branch_ratio = float(branch_ratio)
-        self.first_channels = round(self.branch_ratio * out_channels)
-        self.second_channels = out_channels - self.first_channels
-        if 0.0 < self.branch_ratio < 1.0 and 0 in (self.first_channels, self.second_channels):
-            empty = "first" if self.first_channels == 0 else "second"
-            raise ValueError(
-                f"branch_ratio={branch_ratio!r} leaves the {empty} branch with 0 of "
-                f"{out_channels} channels; use 0 or 1 for a single branch, or a ratio that gives "
-                "each branch at least one channel"
-            )
         self.first = first(in_channels, self.first_channels) if self.first_channels else None
         self.second = second(in_channels, self.second_channels) if self.second_channels else None
         self.pointwise = nn.Conv2d(out_channels, out_channels, kernel_size=1)
@@ -86,18 +101,9 @@ class BranchingMixer(nn.Module):
         branch_ratio: float = 0.5,
     ) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim={dim!r} must be an integer >= 1")
-        if (
-            isinstance(branch_ratio, bool)
-            or not isinstance(branch_ratio, (int, float))
-            or not 0.0 <= float(branch_ratio) <= 1.0
-        ):
-            raise ValueError(f"branch_ratio={branch_ratio!r} must be a number in [0, 1]")
+        self.first_channels, self.second_channels = split_channels("dim", dim, branch_ratio)
         self.dim = dim
         self.branch_ratio = float(branch_ratio)
-        self.first_channels = round(self.branch_ratio * dim)
-        self.second_channels = dim - self.first_channels
         self.first = first(self.first_channels) if self.first_channels else None
         self.second = second(self.second_channels) if self.second_channels else None
         self.proj = nn.Linear(dim, dim)

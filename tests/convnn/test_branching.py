@@ -122,3 +122,15 @@ def test_mixer_attention_branches_and_degenerate_ratios() -> None:
         assert block(x).shape == (2, 5, 8)
     with pytest.raises(ValueError, match="branch_ratio"):
         BranchingMixer(8, first, second, branch_ratio=1.5)
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.99])
+def test_a_ratio_that_empties_a_branch_is_refused(ratio: float) -> None:
+    """0 < ratio < 1 must give both branches channels (else a branch silently disappears)."""
+    from convnn import BranchingMixer, Conv1dMixer
+
+    with pytest.raises(ValueError, match=rf"branch_ratio={ratio} leaves the .* of 16 channels"):
+        Branching(3, 16, first=lambda i, o: nn.Conv2d(i, o, 1),
+                  second=lambda i, o: nn.Conv2d(i, o, 1), branch_ratio=ratio)
+    with pytest.raises(ValueError, match=rf"branch_ratio={ratio} leaves"):
+        BranchingMixer(16, first=Conv1dMixer, second=Conv1dMixer, branch_ratio=ratio)
