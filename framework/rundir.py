@@ -208,9 +208,12 @@ class RunDirLock:
 _ATTEMPTS: dict[tuple[str, str], str] = {}
 
 
-def _attempt_resolver(output_dir: str, subdir: str = ".hydra") -> str:
+def _attempt_resolver(output_dir: str, subdir: str = ".hydra") -> str | None:
     """``${attempt_subdir:<job dir>}``: this job's config folder, fixed once per process (Hydra
-    reads ``hydra.output_subdir`` again after writing into it)."""
+    reads ``hydra.output_subdir`` again after writing into it); none on ranks ≥ 1 (rank 0
+    saves the config)."""
+    if not is_rank_zero():
+        return None
     key = (str(Path(output_dir).resolve()), subdir)
     if key not in _ATTEMPTS:
         _ATTEMPTS[key] = attempt_subdir(Path(key[0]), subdir)

@@ -45,7 +45,8 @@ def _resume(run_dir: Path, *extra: str):
     return run_main([*BASE, *extra, f"hydra.run.dir={run_dir}"])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("garbage", marks=pytest.mark.slow),
+                                    pytest.param("empty", marks=pytest.mark.slow)])
 def test_unreadable_checkpoint_is_refused_and_nothing_rewritten(run_dir: Path, damage: str) -> None:
     last = run_dir / "checkpoints" / "last.ckpt"
     data = last.read_bytes()
