@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import framework.rundir  # noqa: F401  (registers the ${attempt_subdir:} resolver)
@@ -30,7 +29,7 @@ def main(cfg: DictConfig) -> float:
     """Run one job; returns the best validation top-1 (what sweepers such as Optuna optimise;
     NaN when the run did no validation epoch)."""
     configure_console()  # one console line per record, rank 0 only
-    with locked_run_dir(Path(HydraConfig.get().runtime.output_dir)):  # multirun jobs too
+    with locked_run_dir(Path(cfg.paths.output_dir)):  # multirun jobs too
         value = run(cfg)[OBJECTIVE]
     return float("nan") if value is None else float(value)
 

@@ -28,6 +28,7 @@ from convnn import ConvNNBase
 from datamodules.base import BaseDataModule
 from framework.build import build_datamodule, build_layer, build_net, net_name, user_error
 from framework.errors import ConfigError
+from framework.resume import check_resume
 from models.layer_factory import LayerFactory
 from models.module import CRITERIA, LOGGED_METRICS
 
@@ -453,20 +454,15 @@ def check_checkpoint(path: str, key: str, net: nn.Module, name: str, *, strict: 
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     matching = len(own) - len(missing) - len(mismatched)
     if (strict and (missing or mismatched)) or matching == 0:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
-        if mismatched:
-            k = mismatched[0]
-            detail.append(
-                f"{len(mismatched)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
-                f"checkpoint, {tuple(own[k].shape)} here)"
-            )
-        why = "; ".join(detail) or "no tensor matches"
+        bad = [f"{k} (missing)" for k in missing] + [
+            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched
+        ]
+        shown = "; ".join(bad[:5]) + ("; …" if len(bad) > 5 else "")
         raise ConfigError(
-            f"Invalid configuration: {key}={path!r} was saved for another network than "
-            f"net={name} with this layer config: {why}. Use the net/layer overrides of the run "
-            "that wrote it."
+            f"Invalid configuration: {key}={path} was written for another network than "
+            f"net={name} with this layer config: {len(bad) or len(own)} weights differ "
+            f"({shown or 'no weight matches'}). Use the net/layer overrides of the run that "
+            "wrote it."
         )
 
 
@@ -497,6 +493,7 @@ def validate(cfg: DictConfig) -> Startup:
     _warn_sampling_fallback(net, seen, cfg)
     name = net_name(cfg)
     if ckpt_path is not None:
+        check_resume(cfg, ckpt_path)  # readable, and the same run's config
         check_checkpoint(ckpt_path, "ckpt_path", net, name, strict=True)
     if cfg.init_from is not None:
         check_checkpoint(str(cfg.init_from), "init_from", net, name, strict=bool(cfg.test_only))

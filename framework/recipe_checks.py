@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from framework.checks import ConfigError
+from framework.errors import ConfigError
 
 __all__ = ["ANALYSES", "AUTO_AUGMENTS", "check_recipes"]
 

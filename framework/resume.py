@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checks import ConfigError
+from framework.errors import ConfigError
 
 __all__ = ["REFUSED", "SAFE", "ResumeCheck", "check_resume", "config_diff", "flatten"]
 

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checks import ConfigError
+from framework.errors import ConfigError
 
 __all__ = [
     "LOCK_NAME",

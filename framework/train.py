@@ -27,7 +27,6 @@ from framework.ema import build_ema
 from framework.faults import dumps_strict, run_callbacks, total_train_time, trainer_kwargs
 from framework.inspect import describe_model, load_weights
 from framework.loggers import KeepLoggedSteps
-from framework.resume import check_resume
 from framework.rundir import check_writable
 from models.module import ImageClassifier
 
@@ -120,7 +119,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule.prepare_data()
 
     check_writable(run_dir, cfg)  # before anything is written or trained
-    check_resume(cfg, ckpt_path)  # a resume continues the same run: config compared
     text, counts = describe_model(net, datamodule.dims)
     if ckpt_path is None or not (run_dir / "model.txt").is_file():  # a resume keeps it
         (run_dir / "model.txt").write_text(text)

@@ -30,6 +30,7 @@ def test_huge_lr_stops_with_the_epoch_named_and_keeps_the_last_finite_checkpoint
     tmp_path: Path,
 ) -> None:
     proc = run_main([*TINY, "trainer.max_epochs=6", "optimizer.lr=1e6",
+                     "optimizer.weight_decay=0.05", "trainer.gradient_clip_val=null",
                      f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 1
     match = re.search(r"Training stopped at epoch (\d+): ", proc.stderr)
@@ -52,7 +53,8 @@ def test_patience_allows_non_finite_epochs_and_keeps_a_finite_copy(tmp_path: Pat
     # lr 0.01 in epoch 0, then 1e6: the weights blow up in epoch 1.
     cfg = compose_cfg([*TINY, "trainer.max_epochs=6", "optimizer=sgd", "optimizer.lr=0.01",
                        "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=1e8",
-                       "callbacks.stop_on_nonfinite.patience=2"], out=tmp_path)
+                       "callbacks.stop_on_nonfinite.patience=2", "trainer.gradient_clip_val=null"],
+                      out=tmp_path)
     with pytest.raises(NonFiniteLossError, match="2 non-finite epoch") as err:
         run(cfg)
     spare = tmp_path / "checkpoints" / LAST_FINITE
