@@ -191,17 +191,26 @@ def _chunks(batch: int, nq: int, per_query: int, budget: int) -> list[tuple[int,
 
 # ----------------------------------------------------------------------------------- search
 _TIE_CHUNK = 32  # columns per chunk when locating the lowest-index ties
+_TIE_BYTES = 24  # per element of a gathered tie chunk (int64 columns, counts, masks)
+
+
+def _tie_columns(m: int, k: int) -> int:
+    """Elements per query row that :func:`_nth_true` works on besides the row itself."""
+    return min(m, k * _TIE_CHUNK)
 
 
 def _nth_true(mask: Tensor, nth: Tensor) -> Tensor:
     """Column of the ``nth[..., j]``-th True (1-based) in each row of ``mask`` (..., m).
 
-    Two levels, so that no full-width cumulative sum is needed: True counts per chunk of
-    :data:`_TIE_CHUNK` columns (one cheap reduction), ``searchsorted`` on their running total
-    picks the chunk, a cumulative sum inside the gathered chunks picks the column. Sync-free.
-    ``nth`` must not exceed a row's count of True.
+    Short rows: ``searchsorted`` on the running count of True. Long rows, in two levels so that
+    no full-width cumulative sum is needed: True counts per chunk of :data:`_TIE_CHUNK` columns
+    (one cheap reduction), ``searchsorted`` on their running total picks the chunk, a cumulative
+    sum inside the gathered chunks picks the column. Sync-free. ``nth`` must not exceed a row's
+    count of True.
     """
     m, size = mask.shape[-1], _TIE_CHUNK
+    if m <= nth.shape[-1] * size:
+        return torch.searchsorted(mask.cumsum(-1, dtype=torch.int32), nth)
     whole = (m // size) * size
     counts = mask[..., :whole].unflatten(-1, (m // size, size)).sum(-1, dtype=torch.int32)
     if whole < m:
@@ -211,7 +220,8 @@ def _nth_true(mask: Tensor, nth: Tensor) -> Tensor:
     chunk = torch.searchsorted(total, nth).clamp_(max=total.shape[-1] - 1)
     before = torch.where(chunk > 0, total.gather(-1, (chunk - 1).clamp_(min=0)), 0)
     cols = chunk.unsqueeze(-1) * size + torch.arange(size, device=mask.device)
-    inside = mask.gather(-1, cols.clamp(max=m - 1).flatten(-2)).view(cols.shape) & (cols < m)
+    valid = cols < m
+    inside = mask.gather(-1, cols.clamp_(max=m - 1).flatten(-2)).view(cols.shape) & valid
     rank = (nth - before).unsqueeze(-1)
     return chunk * size + (inside.cumsum(-1, dtype=torch.int32) < rank).sum(-1)
 
@@ -245,9 +255,7 @@ def _ordered_topk(
     return idx.gather(-1, order)
 
 
-def _check_search_args(
-    queries: Tensor, keys: Tensor, K: int, m: int, include_self: bool, nq: int, nk: int
-) -> None:
+def _check_search_args(queries: Tensor, keys: Tensor, K: int, m: int, include_self: bool) -> None:
     if keys.shape[0] != queries.shape[0] or keys.shape[2] != queries.shape[2]:
         raise ValueError(
             f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must share B and D"
@@ -295,7 +303,7 @@ def knn_search(
     _check_btd("keys", keys)
     nq, nk = queries.shape[1], keys.shape[1]
     m = nk if candidates is None else candidates.numel()
-    _check_search_args(queries, keys, K, m, include_self, nq, nk)
+    _check_search_args(queries, keys, K, m, include_self)
     if query_positions is None:
         if include_self and nq != nk:
             raise ValueError(
@@ -366,7 +374,8 @@ def _knn_search_op(
         qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
         if candidates is not None:
             kp = kp[:, candidates]
-        for b0, b1, q0, q1 in _chunks(b, nq, m * _SEARCH_BYTES_PER_SCORE, budget):
+        per_query = m * _SEARCH_BYTES_PER_SCORE + _tie_columns(m, K) * _TIE_BYTES
+        for b0, b1, q0, q1 in _chunks(b, nq, per_query, budget):
             scores = _scores_prepared(qp[b0:b1, q0:q1], kp[b0:b1], mt)
             if include_self:
                 self_pos = query_positions[q0:q1]
@@ -592,7 +601,7 @@ def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: tor
     return which, weight.index_select(0, which).to(dtype)
 
 
-def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, mode, blk):
+def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     """Recomputed forward of one block: (scores' inputs, gates, gathered values, head rows)."""
     b0, b1, q0, q1 = blk
     _, nk, d = k.shape
@@ -637,7 +646,7 @@ def _attend_op(
     for blk in _chunks(bh, nq, per_query, budget):
         b0, b1, q0, q1 = blk
         _, _, _, _, gm, vg, _, w = _attend_block(
-            q, k, v, idx, mask, weight, heads, metric, softmax, mode, blk
+            q, k, v, idx, mask, weight, heads, metric, softmax, blk
         )
         gv = gm.to(v.dtype).unsqueeze(-2)  # (nb, nq, 1, K)
         if mode == "sum":
@@ -689,7 +698,7 @@ def _attend_backward_op(
         b0, b1, q0, q1 = blk
         nb, nqb = b1 - b0, q1 - q0
         flat, qb, kg, g, gm, vg, which, w = _attend_block(
-            q, k, v, idx, mask, weight, heads, metric, softmax, mode, blk
+            q, k, v, idx, mask, weight, heads, metric, softmax, blk
         )
         go = grad_out[b0:b1, q0:q1]
         gv = gm.to(v.dtype)

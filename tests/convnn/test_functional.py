@@ -133,7 +133,7 @@ def test_module_level_memory_budget_is_used(monkeypatch: pytest.MonkeyPatch) -> 
         return original(*args)
 
     monkeypatch.setattr(cf, "_scores_prepared", counting)
-    per_query = 40 * cf._SEARCH_BYTES_PER_SCORE
+    per_query = 40 * cf._SEARCH_BYTES_PER_SCORE + cf._tie_columns(40, 5) * cf._TIE_BYTES
     monkeypatch.setattr(cf, "MEMORY_BUDGET", 8 * per_query)  # 8 queries per block, 5 per sample
     assert torch.equal(knn_search(x, x, 6, "cosine"), dense)
     assert len(calls) == 10
