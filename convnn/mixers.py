@@ -9,14 +9,15 @@ dict from one loads into any other.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convnn.functional import attend_neighbors, gate_dropout_mask, knn_search
+from convnn.functional import attend_neighbors, gate_dropout_mask, knn_search, selected_scores
 from convnn.layers import Conv1dNN, check_floating
+from convnn.recording import is_recording, note_selection
 
 __all__ = [
     "SPARSE_PATTERNS",
@@ -110,6 +111,14 @@ class MultiHeadAttention(_SelfAttention):
         super().__init__(dim, num_heads, attention_dropout)
 
 
+class _TokenSequence(NamedTuple):
+    """What :func:`convnn.recording.note_selection` reads of a plain token sequence."""
+
+    features: Tensor
+    shape: tuple[int, ...]
+    query_positions: Tensor
+
+
 class KNNAttention(_SelfAttention):
     """KVT k-NN attention: each query's softmax is restricted to its top-``K`` keys.
 
@@ -131,6 +140,11 @@ class KNNAttention(_SelfAttention):
             return self._sdpa(q, k, v, None)
         q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
         idx = knn_search(q, k, self.K, "matmul", include_self=False)
+        if is_recording():  # the selection and its softmax, only inside convnn.record_neighbors
+            with torch.no_grad():
+                gates = selected_scores(q, k, idx, "matmul").softmax(dim=-1)
+            seq = _TokenSequence(q.new_empty(b, 0), (n,), torch.arange(n))
+            note_selection(self, seq, idx, gates)
         p = self.attention_dropout
         mask = gate_dropout_mask(idx.shape, p, training=self.training, device=q.device)
         out = attend_neighbors(q, k, v, idx, "matmul", mode="sum", gate_mask=mask)

@@ -80,8 +80,8 @@ class _Recorder:
             key, n = f"{path}#{n}", n + 1
         b = tokens.features.shape[0]
         heads = idx.shape[0] // b
-        p = int(module.padding)
-        s = int(module.shuffle_scale) if module.unshuffle_before else 1
+        p = int(getattr(module, "padding", 0))
+        s = int(module.shuffle_scale) if getattr(module, "unshuffle_before", False) else 1
         shape = tuple(int(v) for v in tokens.shape)
         gates = None
         if weights is not None:
@@ -95,7 +95,7 @@ class _Recorder:
             padding=p,
             shuffle_scale=s,
             input_shape=tuple(n * s for n in shape),
-            normalized_weights=bool(getattr(module, "softmax_topk_val", False)),
+            normalized_weights=bool(getattr(module, "softmax_topk_val", True)),
             layer_type=type(module).__name__,
         )
 

@@ -78,3 +78,23 @@ def test_mixer_layer_is_recorded_and_nothing_is_kept_when_off() -> None:
     assert sorted(records) == ["layer", "layer#1"]
     assert not any(torch.is_tensor(v) for v in vars(mixer.layer).values())
     assert convnn.recording._ACTIVE.get() is None
+
+
+def test_knn_attention_selection_and_softmax_are_recorded() -> None:
+    """KVT records the keys each query kept (as a direct knn_search finds them) and the softmax."""
+    from convnn import KNNAttention
+    from convnn.functional import knn_search, selected_scores
+
+    torch.manual_seed(0)
+    mixer = KNNAttention(8, num_heads=2, K=3).eval()
+    x = torch.randn(2, 10, 8)
+    with record_neighbors(mixer) as rec:
+        out = mixer(x)
+    assert torch.equal(out, mixer(x))  # recording does not change the output
+    record = rec[""]
+    q, k, _ = mixer.qkv(x).reshape(2, 10, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = q.reshape(4, 10, 4), k.reshape(4, 10, 4)
+    idx = knn_search(q, k, 3, "matmul", include_self=False)
+    assert torch.equal(record.indices, idx.reshape(2, 2, 10, 3))
+    gates = selected_scores(q, k, idx, "matmul").softmax(-1).reshape(2, 2, 10, 3)
+    assert torch.allclose(record.weights, gates)
