@@ -425,9 +425,13 @@ def _check_equivalence(
 
 
 # ------------------------------------------------------------------------------ the parent
-def _spawn(spec: dict[str, Any], timeout: float) -> tuple[dict[str, Any] | None, str, float]:
-    """Run the worker in a fresh interpreter; (result or None, error text, wall seconds)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def _spawn(
+    spec: dict[str, Any], timeout: float, script: Path | None = None
+) -> tuple[dict[str, Any] | None, str, float]:
+    """Run ``script --worker SPEC`` (default: this file) in a fresh interpreter; (result or None,
+    error text, wall seconds). ``bench_models.py`` shares it."""
+    script = Path(__file__).resolve() if script is None else script
+    cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # models/ runs from the checkout
 
 from bench_layers import (
     GIB,
@@ -59,6 +60,7 @@ from bench_layers import (
     _proc_status_bytes,
     _quartiles,
     _reset_peak_rss,
+    _spawn,
 )
 
 MODELS = ("vgg11", "resnet18", "vit_tiny")
@@ -85,7 +87,7 @@ def build_model(model: str, layer: str, vgg_head: str):
         options["padding"] = 1
     if model == "vit_tiny" and layer in ("attention", "convnn_attn"):
         options["num_heads"] = 3
-    factory = LayerFactory(layer, sampling={"type": "all"}, **options)
+    factory = LayerFactory(layer, sampling={"sampling_type": "all"}, **options)
     if model == "vgg11":
         from models.vgg import VGG
 
@@ -171,28 +173,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _spawn(spec: dict[str, Any], timeout: float) -> tuple[dict[str, Any] | None, str, float]:
-    """Run the worker in a fresh interpreter; (result or None, error text, wall seconds)."""
-    import subprocess
-
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO)
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s", time.perf_counter() - t0
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK) :]), "", wall
-    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-3:]
-    return None, f"exit code {proc.returncode}: " + " | ".join(tail), wall
-
-
 # ---------------------------------------------------------------------------------- driver
 def _machine(args: argparse.Namespace) -> dict[str, Any]:
     import torch
@@ -241,7 +221,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "vgg_head": args.vgg_head,
             "seed": 0,
         }
-        raw, err, wall = _spawn(spec, args.case_timeout)
+        raw, err, wall = _spawn(spec, args.case_timeout, Path(__file__).resolve())
         res = {"model": model, "layer": layer, "precision": prec, "wall_s": wall}
         if raw is None:
             res.update(status="failed", reason=err)
