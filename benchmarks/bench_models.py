@@ -37,7 +37,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,15 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # models/ runs from the checkout
 
 from bench_layers import (
-    GIB,
     MIB,
     REPO,
     RESULT_MARK,
     _command_line,
-    _cpu_model,
     _fmt_ms,
-    _git_rev,
-    _mem_total_available,
+    _machine,
     _proc_status_bytes,
     _quartiles,
     _reset_peak_rss,
@@ -174,28 +170,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- driver
-def _machine(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    total, _ = _mem_total_available()
-    info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "mem_total_gib": total / GIB,
-        "torch": torch.__version__,
-        "torch_threads": args.threads,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": args.device,
-        "git": _git_rev(),
-        "loadavg_start": list(os.getloadavg()),
-    }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_properties(torch.device(args.device)).name
-    return info
-
-
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Run every case and collect the report."""
     machine = _machine(args)
