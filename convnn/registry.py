@@ -65,9 +65,7 @@ class Conv2dSame(nn.Conv2d):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size={kernel_size!r} must be an odd integer >= 1")
         if kernel_size % 2 == 0:
-            raise ValueError(
-                f"kernel_size={kernel_size} must be odd so that the layer keeps H×W"
-            )
+            raise ValueError(f"kernel_size={kernel_size} must be odd so that the layer keeps H×W")
         super().__init__(
             in_channels,
             out_channels,
@@ -171,4 +169,3 @@ def layer_options(name: str) -> dict[str, Any]:
                 continue
             options.setdefault(key, default)
     return options
-

@@ -130,7 +130,12 @@ def test_a_ratio_that_empties_a_branch_is_refused(ratio: float) -> None:
     from convnn import BranchingMixer, Conv1dMixer
 
     with pytest.raises(ValueError, match=rf"branch_ratio={ratio} leaves the .* of 16 channels"):
-        Branching(3, 16, first=lambda i, o: nn.Conv2d(i, o, 1),
-                  second=lambda i, o: nn.Conv2d(i, o, 1), branch_ratio=ratio)
+        Branching(
+            3,
+            16,
+            first=lambda i, o: nn.Conv2d(i, o, 1),
+            second=lambda i, o: nn.Conv2d(i, o, 1),
+            branch_ratio=ratio,
+        )
     with pytest.raises(ValueError, match=rf"branch_ratio={ratio} leaves"):
         BranchingMixer(16, first=Conv1dMixer, second=Conv1dMixer, branch_ratio=ratio)
