@@ -133,7 +133,7 @@ def test_module_level_memory_budget_is_used(monkeypatch: pytest.MonkeyPatch) -> 
         return original(*args)
 
     monkeypatch.setattr(cf, "_scores_prepared", counting)
-    per_query = 40 * cf._SEARCH_BYTES_PER_SCORE + cf._tie_columns(40, 5) * cf._TIE_BYTES
+    per_query = cf._search_bytes_per_query(40, 5)
     monkeypatch.setattr(cf, "MEMORY_BUDGET", 8 * per_query)  # 8 queries per block, 5 per sample
     assert torch.equal(knn_search(x, x, 6, "cosine"), dense)
     assert len(calls) == 10
@@ -172,6 +172,79 @@ def test_integer_scores_ties_everywhere() -> None:
     for K in (3, 10, 39):
         got = knn_search(x, x, K, "euclidean", include_self=False, memory_budget=512)
         assert torch.equal(got, _stable_knn(scores, K, False))
+
+
+def _tie_heavy_rows(rows: int, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Few distinct values (ties everywhere), -inf, ±0.0 and the NaN substitute mixed in."""
+    s = torch.randint(-3, 4, (rows, m)).to(dtype)
+    s[s == 3] = -math.inf
+    s[s == 2] = torch.finfo(dtype).min
+    s[s == 1] = -0.0  # equals +0.0: must tie with it, not rank below it
+    s[s == -1] = 0.0
+    return s
+
+
+def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.argsort(-scores, dim=-1, stable=True)[..., :k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blockwise_topk_equals_stable_sort(dtype: torch.dtype) -> None:
+    """Every path of the exact top-k (one topk with keys or repair, blocks of 8 or 32 columns,
+    ragged widths padded with -inf, nested blocks) against a stable full sort."""
+    torch.manual_seed(16)
+    widths = (37, 64, 127, 128, 200, 324, 511, 512, 700, 1156, 1184, 2500)
+    for m in widths:
+        for k in (1, 2, 8, 16):
+            scores = _tie_heavy_rows(64, m, dtype)
+            ref = _stable_topk(scores, k)
+            assert torch.equal(cf._exact_topk(scores.clone(), k), ref), (m, k)
+            unordered = cf._exact_topk(scores.clone(), k, ordered=False)
+            assert torch.equal(unordered, ref.sort(-1).values), (m, k)
+        noise = torch.randn(64, m, dtype=dtype)
+        assert torch.equal(cf._exact_topk(noise.clone(), 8), _stable_topk(noise, 8)), m
+    assert cf._block_width(1156, 8) == 32 and cf._block_width(324, 8) == 8  # both levels ran
+    assert cf._block_width(100, 8) == 1
+
+
+def test_keyed_and_repaired_topk_agree_on_signed_zeros() -> None:
+    """-0.0 == +0.0: the int64 keys must fold them, else -0.0 ranks below +0.0."""
+    row = torch.tensor([[-0.0, 0.0, -1.0, -0.0, 0.0]])
+    for k in (1, 2, 3, 4):
+        assert cf._keyed_topk(row.clone(), k).tolist() == [[0, 1, 3, 4][:k]]
+        assert cf._repaired_topk(row.clone(), k).tolist() == [[0, 1, 3, 4][:k]]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_on_a_padded_32x32_map_matches_dense_sort(metric: str) -> None:
+    """The VGG first layer's search (1024 queries, 34×34 padded candidates, blockwise top-k with
+    padded key columns) with integer features, so that ties sit at every boundary; also with
+    sampled candidates (exclude mask padded alongside)."""
+    torch.manual_seed(17)
+    p, side = 1, 32
+    x = F.pad(torch.randint(0, 3, (2, 3, side, side)).float(), (p, p, p, p))
+    keys = x.flatten(2).transpose(1, 2).contiguous()  # (2, 1156, 3) with zero padding tokens
+    grid = torch.arange(side + 2 * p).view(-1, 1) * (side + 2 * p) + torch.arange(side + 2 * p)
+    qpos = grid[p : p + side, p : p + side].reshape(-1)
+    queries = keys[:, qpos]
+    scores = pairwise_scores(queries, keys, metric)
+    got = knn_search(queries, keys, 9, metric, query_positions=qpos)
+    assert torch.equal(got, _stable_knn(scores, 9, True, qpos))
+    cand = torch.randperm(keys.shape[1])[:300]
+    got = knn_search(queries, keys, 9, metric, query_positions=qpos, candidates=cand)
+    assert torch.equal(got, _stable_knn(scores, 9, True, qpos, cand))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_never_returns_the_block_padding_columns(metric: str) -> None:
+    """300 keys are searched as 304 columns (whole blocks of 8); the 4 extra zero keys would
+    beat every real key here (all real scores are negative), so they must score -inf."""
+    torch.manual_seed(18)
+    queries = torch.rand(1, 50, 3) + 0.5
+    keys = -(torch.rand(1, 300, 3) + 0.5)
+    assert cf._search_width(300, 8) == 304
+    got = knn_search(queries, keys, 8, metric, include_self=False)
+    assert torch.equal(got, _stable_knn(pairwise_scores(queries, keys, metric), 8, False))
 
 
 def test_constant_features_select_lowest_indices() -> None:

@@ -96,9 +96,7 @@ def _one_sample(x: torch.Tensor, sampling: str = "all") -> int:
     queries = x.shape[-1] ** 2 if x.dim() == 4 else max(x.shape[1:])
     tokens = (x.shape[-1] + 2) ** 2 if x.dim() == 4 else queries
     candidates = {"all": tokens, "random": 10, "spatial": 9 if x.dim() == 4 else 6}[sampling]
-    per_query = (
-        candidates * cf._SEARCH_BYTES_PER_SCORE + cf._tie_columns(candidates, 3) * cf._TIE_BYTES
-    )
+    per_query = cf._search_bytes_per_query(candidates, 3)
     return queries * per_query
 
 
@@ -214,7 +212,7 @@ def test_cuda_budget_is_a_fraction_of_free_memory(monkeypatch: pytest.MonkeyPatc
 def test_cifar_layer_on_cuda_runs_in_one_or_two_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """B=128 32×32 C64 K9: 64 search blocks on the CPU budget, ≤ 2 with a 24 GiB GPU's budget."""
     b, n, k, c = 128, 34 * 34, 9, 64
-    search = n * cf._SEARCH_BYTES_PER_SCORE + cf._tie_columns(n, k - 1) * cf._TIE_BYTES
+    search = cf._search_bytes_per_query(n, k - 1)
     cpu = cf._chunks(b, 1024, search, cf.CPU_MEMORY_BUDGET)
     _fake_cuda(monkeypatch, free=20 * 2**30, reserved=0, allocated=0)
     gpu_budget = cf.resolve_memory_budget("cuda")
