@@ -671,6 +671,7 @@ def aggregate_neighbors(
     ``nn.Conv1d(C, O, K, stride=K)`` layout, ``gates`` optional (B, Nq, K). Returns (B, Nq, O).
     Memory-efficient: per query block one gather and one matmul; nothing K-fold is stored for
     backward (the gather is recomputed; gradients reach values, weight, bias and gates).
+    Under autocast the inputs are cast to the autocast dtype first (as ``nn.Conv1d`` would be).
     """
     _check_btd("values", values)
     if idx.dim() != 3 or idx.shape[0] != values.shape[0]:
@@ -685,6 +686,13 @@ def aggregate_neighbors(
             f"gates must have idx's shape {tuple(idx.shape)}, got {tuple(gates.shape)}"
         )
     budget = _op_budget(values.device, memory_budget)
+    device_type = values.device.type
+    if torch.is_autocast_enabled(device_type):
+        # like nn.Conv1d under autocast: the matmuls run in the autocast dtype
+        low = torch.get_autocast_dtype(device_type)
+        values, weight = values.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        gates = None if gates is None else gates.to(low)
     # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
     # shared by the forward and backward matmuls; no transposed copy of the whole filter.
     rows = weight.transpose(1, 2).reshape(weight.shape[0], k * weight.shape[1])

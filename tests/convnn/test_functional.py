@@ -358,6 +358,23 @@ def test_aggregate_gradients_match_reference_autograd() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_aggregate_follows_autocast_like_conv1d() -> None:
+    """Under bf16 autocast the aggregation runs in bf16 (nn.Conv1d would): equal to the call on
+    bf16-cast inputs, and the float32 weight still gets a float32 gradient."""
+    torch.manual_seed(19)
+    values = torch.randn(2, 30, 6)
+    idx = torch.randint(0, 30, (2, 12, 4))
+    weight = torch.randn(5, 6, 4, requires_grad=True)
+    bias = torch.randn(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aggregate_neighbors(values, idx, weight, bias)
+    assert out.dtype == torch.bfloat16
+    ref = aggregate_neighbors(values.bfloat16(), idx, weight.bfloat16(), bias.bfloat16())
+    assert torch.equal(out, ref)
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32
+
+
 def test_aggregate_does_not_save_the_gathered_tensor() -> None:
     """Nothing K-fold (B·N·K·C elements) is kept alive for backward."""
     v = torch.randn(2, 50, 8, requires_grad=True)
