@@ -15,7 +15,10 @@ Every case runs in a **fresh subprocess**:
   what was allocated at the baseline.
 * Time: the memory step doubles as the full-size warm-up; then ``--repeats`` timed steps (cut
   to ``--case-budget`` seconds, at least 2), synchronised on CUDA; median and inter-quartile
-  range.
+  range over all rounds.
+* Rounds (``--rounds R``): the whole case list runs R times, round-robin, so a drift of the
+  machine's speed (this 2-core VM varies by ±20 % over minutes) hits every case alike; the
+  ratio to ``conv`` is the median over rounds of the per-round ratio of medians.
 
 ConvNN layers use ``padding=1`` (the original default) and the library defaults otherwise
 (K = 9, cosine for ``convnn``/``branching``, matmul for ``convnn_attn``, sampling ``all``).
@@ -25,6 +28,7 @@ Usage::
 
     python benchmarks/bench_models.py                          # CPU, fp32 + bf16, all models
     python benchmarks/bench_models.py --quick --out /tmp/x      # smoke run
+    python benchmarks/bench_models.py --models vgg11 --layers conv,convnn --rounds 5
     python benchmarks/bench_models.py --device cuda --repeats 20
 
 Results: ``<out>/models.md`` and ``<out>/models.json``.
@@ -181,35 +185,59 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for layer in args.layers
         if fits(m, layer)
     ]
-    results = []
-    for i, (model, layer, prec) in enumerate(cases, 1):
-        spec = {
-            "model": model,
-            "layer": layer,
-            "precision": prec,
-            "device": args.device,
-            "threads": args.threads,
-            "batch": args.batch,
-            "repeats": args.repeats,
-            "case_budget": args.case_budget,
-            "vgg_head": args.vgg_head,
-            "seed": 0,
-        }
-        raw, err, wall = _spawn(spec, args.case_timeout, Path(__file__).resolve())
-        res = {"model": model, "layer": layer, "precision": prec, "wall_s": wall}
-        if raw is None:
-            res.update(status="failed", reason=err)
-            print(f"[{i:>2}/{len(cases)}] {model:<9} {layer:<12} {prec}: {err}", flush=True)
-        else:
-            res.update(status="ok", **raw)
+    results = [
+        {"model": m, "layer": layer, "precision": prec, "status": "ok", "rounds": []}
+        for m, layer, prec in cases
+    ]
+    total = len(cases) * args.rounds
+    done = 0
+    # Round-robin: every case once per round, so a slow drift of the machine's speed hits all
+    # cases alike and the per-round ratios to conv stay fair.
+    for rnd in range(1, args.rounds + 1):
+        for res in results:
+            done += 1
+            model, layer, prec = res["model"], res["layer"], res["precision"]
+            if res["status"] != "ok":
+                continue
+            spec = {
+                "model": model,
+                "layer": layer,
+                "precision": prec,
+                "device": args.device,
+                "threads": args.threads,
+                "batch": args.batch,
+                "repeats": args.repeats,
+                "case_budget": args.case_budget,
+                "vgg_head": args.vgg_head,
+                "seed": 0,
+            }
+            raw, err, wall = _spawn(spec, args.case_timeout, Path(__file__).resolve())
+            head = f"[{done:>2}/{total}] round {rnd} {model:<9} {layer:<12} {prec}:"
+            if raw is None:
+                res.update(status="failed", reason=err)
+                print(f"{head} {err}", flush=True)
+                continue
+            raw["wall_s"] = wall
+            res["rounds"].append(raw)
             print(
-                f"[{i:>2}/{len(cases)}] {model:<9} {layer:<12} {prec}: "
-                f"{statistics.median(raw['times_ms']):8.0f} ms  "
+                f"{head} {statistics.median(raw['times_ms']):8.0f} ms  "
                 f"{raw['peak_growth_bytes'] / MIB:8.0f} MiB  (n={len(raw['times_ms'])}, "
                 f"{wall:.0f} s)",
                 flush=True,
             )
-        results.append(res)
+    for res in results:
+        rounds = res.pop("rounds")
+        if res["status"] != "ok":
+            continue
+        res.update(
+            times_ms=[t for r in rounds for t in r["times_ms"]],
+            round_medians_ms=[statistics.median(r["times_ms"]) for r in rounds],
+            peak_growth_bytes=statistics.median(r["peak_growth_bytes"] for r in rounds),
+            params=rounds[0]["params"],
+            memory_method=rounds[0]["memory_method"],
+            first_step_ms=[r["first_step_ms"] for r in rounds],
+            wall_s=sum(r["wall_s"] for r in rounds),
+        )
     machine["loadavg_end"] = list(os.getloadavg())
     return {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -222,20 +250,27 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "optimizer": "AdamW(lr=1e-3)",
             "vgg_head": args.vgg_head,
             "convnn_padding": 1,
+            "rounds": args.rounds,
         },
         "results": results,
     }
 
 
 def _ratio_note(results: list[dict[str, Any]], model: str, prec: str) -> dict[str, float]:
-    """Median step time of each layer divided by the ``conv`` one (same model, precision)."""
-    med = {
-        r["layer"]: statistics.median(r["times_ms"])
+    """Step time of each layer over the ``conv`` one (same model, precision): the median over
+    rounds of the per-round ratio of medians (paired, so machine drift between rounds cancels)."""
+    rounds = {
+        r["layer"]: r["round_medians_ms"]
         for r in results
         if r["model"] == model and r["precision"] == prec and r["status"] == "ok"
     }
-    conv = med.get("conv", math.nan)
-    return {k: v / conv for k, v in med.items()}
+    conv = rounds.get("conv")
+    if not conv:
+        return {}
+    return {
+        k: statistics.median(a / b for a, b in zip(v, conv, strict=False))
+        for k, v in rounds.items()
+    }
 
 
 def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
@@ -261,10 +296,11 @@ def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
         "count means other work shared the CPUs and the times are noisy.",
         f"- Step: forward + cross-entropy + backward + AdamW step, batch {s['batch']}, "
         f"{s['image']} random input, {s['classes']} classes; VGG11 head `{s['vgg_head']}` "
-        "(7×7 pool → 4096 → 4096); ConvNN layers with padding 1. Fresh subprocess per case; "
-        "time = median (IQR) of the timed steps after a warm-up; memory = peak growth of the "
-        "first full step over the state after a batch-2 warm-up step (see the script's "
-        "docstring).",
+        "(7×7 pool → 4096 → 4096); ConvNN layers with padding 1. Fresh subprocess per case "
+        f"and round ({s['rounds']} round(s), every case once per round); time = median (IQR) of "
+        "all timed steps after a warm-up; time / conv = median over rounds of the per-round "
+        "ratio; memory = median over rounds of the peak growth of the first full step over "
+        "the state after a batch-2 warm-up step (see the script's docstring).",
         "",
     ]
     results = report["results"]
@@ -309,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case, at most")
     p.add_argument("--case-budget", type=float, default=20.0, help="seconds of timed steps")
     p.add_argument("--case-timeout", type=float, default=600.0)
+    p.add_argument("--rounds", type=int, default=1, help="run every case this many times")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--vgg-head", default=None, help="default: original (or imagenet)")
     p.add_argument("--quick", action="store_true", help="batch 8, 2 repeats, VGG11 conv/convnn")
