@@ -16,12 +16,30 @@ __all__ = [
     "SAMPLING_TYPES",
     "CandidateSampler",
     "grid_positions",
+    "hashed_permutation",
 ]
 
 SAMPLING_TYPES: tuple[str, ...] = ("all", "random", "spatial")
 EVAL_SAMPLING: tuple[str, ...] = ("fixed", "random")
-#: Seed of the fresh generator for ``random`` candidates in eval (``eval_sampling="fixed"``).
+#: Seed of the fixed ``random`` candidates in eval (``eval_sampling="fixed"``).
 EVAL_SEED: int = 0
+_MASK32 = 0xFFFFFFFF
+
+
+def hashed_permutation(n: int, seed: int, device: torch.device | str | None = None) -> Tensor:
+    """A seeded pseudo-random permutation of ``range(n)`` made of tensor ops only.
+
+    Tokens are ordered by a 32-bit integer hash of (index, seed) (two xor-shift-multiply
+    rounds; ties by index). No ``torch.Generator`` and no global RNG: the same on every device,
+    built on ``device`` directly, and traceable by ``torch.compile`` without a graph break.
+    """
+    x = torch.arange(n, dtype=torch.int64, device=device)
+    x = (x + ((seed * 0x9E3779B1) & _MASK32)) & _MASK32
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = (x >> 16) ^ x
+    return torch.argsort(x, stable=True)
+
 
 
 def _is_int(value: object) -> bool:
@@ -47,8 +65,9 @@ class CandidateSampler:
             call) or ``spatial`` (an n×n grid, n points in 1-D, on the unpadded map).
         num_samples: M for ``random``, n for ``spatial``; ignored by ``all``.
         sample_padding: q, margin of the spatial grid (``linspace(q, H-1-q, n)``).
-        eval_sampling: in eval mode ``fixed`` draws ``random`` candidates from a fresh generator
-            seeded with ``eval_seed`` (reproducible), ``random`` draws fresh ones each call.
+        eval_sampling: in eval mode ``fixed`` takes ``random`` candidates from
+            :func:`hashed_permutation` seeded with ``eval_seed`` (reproducible, the same every
+            call and on every device), ``random`` draws fresh ones each call.
         eval_seed: seed for ``eval_sampling="fixed"``.
 
     Training draws use the global torch RNG (CPU), so seeded runs and resumed runs reproduce.
@@ -135,7 +154,7 @@ class CandidateSampler:
         n_tokens = 1
         for s in padded:
             n_tokens *= s
-        cand = self._draw(shape, padded, padding, n_tokens, training)
+        cand = self._draw(shape, padded, padding, n_tokens, training, device)
         if K is not None:
             m = n_tokens if cand is None else cand.numel()
             need = K - 1 if include_self else K
@@ -156,14 +175,15 @@ class CandidateSampler:
         padding: int,
         n_tokens: int,
         training: bool,
+        device: torch.device | str | None = None,
     ) -> Tensor | None:
         if self.sampling_type == "random":
             if self.num_samples >= n_tokens:
                 return None
-            gen = None
             if not training and self.eval_sampling == "fixed":
-                gen = torch.Generator().manual_seed(self.eval_seed)
-            perm = torch.randperm(n_tokens, generator=gen)
+                perm = hashed_permutation(n_tokens, self.eval_seed, device=device)
+            else:
+                perm = torch.randperm(n_tokens)
             return torch.sort(perm[: self.num_samples]).values
         if self.sampling_type == "spatial":
             n, q = self.num_samples, self.sample_padding

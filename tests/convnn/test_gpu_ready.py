@@ -386,6 +386,20 @@ def test_compiled_branching_net_never_recompiles_or_breaks() -> None:
     torch._dynamo.reset()
 
 
+def test_eval_mode_random_sampling_compiles_without_graph_breaks() -> None:
+    """eval_sampling='fixed' used to build a torch.Generator per call: two graph breaks."""
+    import torch._dynamo
+
+    layer = Conv2dNN(3, 4, K=4, padding=1, sampling_type="random", num_samples=10).eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(layer, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("include_self", [True, False])
 def test_ties_spanning_many_chunks_match_a_stable_sort(include_self: bool) -> None:
     """Integer features: hundreds of exact ties per row, across several tie-search chunks."""

@@ -35,6 +35,21 @@ def test_random_eval_fixed_is_reproducible_and_leaves_global_rng_alone() -> None
     assert not torch.equal(other.candidates((8, 8), 0, training=False), a)
 
 
+def test_hashed_permutation_is_a_seeded_spread_out_permutation() -> None:
+    from convnn.sampling import hashed_permutation
+
+    for n in (1, 2, 37, 1156, 5000):
+        perm = hashed_permutation(n, 0)
+        assert torch.equal(perm.sort().values, torch.arange(n))
+    a, b = hashed_permutation(1156, 0), hashed_permutation(1156, 1)
+    assert torch.equal(a, hashed_permutation(1156, 0)) and not torch.equal(a, b)
+    assert torch.equal(hashed_permutation(50, 2**40 + 3), hashed_permutation(50, 2**40 + 3))
+    # the first 100 of 1156 cover the map: every quarter of the token range gets some
+    first = a[:100]
+    assert all(((first >= q * 289) & (first < (q + 1) * 289)).sum() >= 10 for q in range(4))
+    assert (first[1:] - first[:-1]).abs().float().mean() > 100  # not a near-sequential run
+
+
 def test_random_eval_random_draws_fresh() -> None:
     s = CandidateSampler("random", num_samples=5, eval_sampling="random")
     torch.manual_seed(0)
