@@ -329,21 +329,16 @@ def _exact_topk(scores: Tensor, k: int, *, ordered: bool = True) -> Tensor:
     )
 
 
-def _ordered_topk(
-    scores: Tensor, k: int, *, self_cols: Tensor | None = None, exclude: Tensor | None = None
-) -> Tensor:
+def _ordered_topk(scores: Tensor, k: int, *, self_cols: Tensor | None = None) -> Tensor:
     """Indices of the k largest entries along the last dim, ordered by (score desc, index asc).
 
-    Exact and sync-free (:func:`_exact_topk`). NaN ranks below every finite score;
-    ``self_cols`` (one column per query row) and the boolean ``exclude`` mask rank below that
-    (-inf). ``scores`` is overwritten (scratch).
+    Exact and sync-free (:func:`_exact_topk`). NaN ranks below every finite score; ``self_cols``
+    (one column per query row) rank below that (-inf). ``scores`` is overwritten (scratch).
     """
     scores.nan_to_num_(nan=torch.finfo(scores.dtype).min, posinf=math.inf, neginf=-math.inf)
     if self_cols is not None:
         rows = torch.arange(self_cols.shape[0], device=scores.device)
         scores[:, rows, self_cols] = -math.inf
-    if exclude is not None:
-        scores.masked_fill_(exclude, -math.inf)
     return _exact_topk(scores, k)
 
 
@@ -467,7 +462,15 @@ def _knn_search_op(
         if candidates is not None:
             kp = kp[:, candidates]
         k_sel = K - 1 if include_self else K
-        width = _search_width(m, k_sel)
+        self_cols = query_positions
+        if candidates is None or not include_self:
+            width = _search_width(m, k_sel)
+        else:
+            # each query's self among the candidates; queries without one point at column m,
+            # a spare -inf column, so that one index write per row replaces a mask pass
+            width = _search_width(m + 1, k_sel)
+            at = torch.searchsorted(candidates, query_positions).clamp_(max=m - 1)
+            self_cols = torch.where(candidates[at] == query_positions, at, m)
         if width > m:  # zero keys whose scores become -inf: whole blocks for _exact_topk
             kp = F.pad(kp, (0, 0, 0, width - m))
         cand_cols = None if candidates is None else F.pad(candidates, (0, width - m), value=-1)
@@ -476,17 +479,12 @@ def _knn_search_op(
             if width > m:
                 scores[..., m:] = -math.inf
             if include_self:
-                self_pos = query_positions[q0:q1]
-                if candidates is None:
-                    sel = _ordered_topk(scores, K - 1, self_cols=self_pos)
-                else:
-                    is_self = self_pos.unsqueeze(1) == cand_cols.unsqueeze(0)
-                    sel = _ordered_topk(scores, K - 1, exclude=is_self)
+                sel = _ordered_topk(scores, K - 1, self_cols=self_cols[q0:q1])
                 dst = out[b0:b1, q0:q1, 1:]
             else:
                 sel = _ordered_topk(scores, K)
                 dst = out[b0:b1, q0:q1]
-            dst.copy_(sel if candidates is None else candidates[sel])
+            dst.copy_(sel if candidates is None else cand_cols[sel])
     return out
 
 
@@ -612,9 +610,7 @@ def _aggregate_backward_op(
     empty = values.new_empty(0)
     return (
         grad_v.view(b, nk, c) if need_v else empty,
-        grad_w.to(weight.dtype)
-        if need_w
-        else empty.clone(),
+        grad_w.to(weight.dtype) if need_w else empty.clone(),
         grad_g.to(gates.dtype) if need_g else empty.clone(),
     )
 

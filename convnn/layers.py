@@ -184,12 +184,15 @@ class ConvNNBase(nn.Module):
             if tokens.search.shape[1] == tokens.query_positions.numel()
             else (search.index_select(1, tokens.query_positions))
         )
+        candidates = tokens.candidates
+        if candidates is None and self.padding and self.similarity_type == "Col":
+            candidates = self._without_surplus_padding(tokens)
         idx = knn_search(
             queries,
             search,
             self.K,
             self.magnitude_type,
-            candidates=tokens.candidates,
+            candidates=candidates,
             query_positions=tokens.query_positions,
             include_self=True,
             memory_budget=tokens.memory_budget,
@@ -273,6 +276,20 @@ class ConvNNBase(nn.Module):
         return ", ".join(parts)
 
     # ---------------------------------------------------------------------------- helpers
+    def _without_surplus_padding(self, tokens: TokenMap) -> Tensor | None:
+        """Every real token and only the K - 1 lowest-index padding tokens, or ``None``.
+
+        Zero padding tokens are identical search features, so they all get the same score and
+        ties go to the lower index: a query can only ever pick the K - 1 first of them. Searching
+        over the others is wasted work (11 % of a padded 32×32 map, 28 % of an 8×8 one); the
+        result is the same as searching all tokens.
+        """
+        pads = _first_padding_positions(tokens.shape, self.padding, self.K - 1)
+        if pads is None:
+            return None
+        extra = torch.tensor(pads, device=tokens.query_positions.device)
+        return torch.cat([tokens.query_positions, extra])
+
     def _check_divisible(self, shape: tuple[int, ...]) -> None:
         s = self.shuffle_scale
         if any(n % s for n in shape):
@@ -290,6 +307,26 @@ class ConvNNBase(nn.Module):
         rows = torch.arange(h, device=device) + p
         cols = torch.arange(w, device=device) + p
         return (rows.view(-1, 1) * (w + 2 * p) + cols.view(1, -1)).reshape(-1)
+
+
+def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tuple[int, ...] | None:
+    """Raster indices of the first ``count`` padding tokens of a map of unpadded ``shape``
+    padded by ``p``; ``None`` when the map has no more than ``count`` padding tokens. Plain
+    Python on shapes (stops after ``count`` finds, usually within the first padded row)."""
+    padded = [n + 2 * p for n in shape]
+    if math.prod(padded) - math.prod(shape) <= count:
+        return None
+    found: list[int] = []
+    for flat in range(math.prod(padded)):
+        if len(found) == count:
+            break
+        rest, inside = flat, True
+        for size, n in zip(reversed(padded), reversed(shape), strict=True):
+            rest, pos = divmod(rest, size)
+            inside = inside and p <= pos < n + p
+        if not inside:
+            found.append(flat)
+    return tuple(found)
 
 
 class _ConvNNHard(ConvNNBase):

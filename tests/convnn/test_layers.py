@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnn import Conv1d_NN, Conv1dNN, Conv2d_NN, Conv2dNN, ConvNNBase, TokenMap
+from convnn.functional import knn_search
 from tests.convnn.reference import reference_forward
 
 METRICS = ("cosine", "euclidean", "matmul")
@@ -150,6 +151,42 @@ def test_square_map_matches_reference() -> None:
     torch.manual_seed(6)
     layer = Conv2dNN(4, 4, K=9, padding=1, magnitude_type="cosine").double()
     _assert_matches_reference(layer, torch.randn(3, 4, 6, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "matmul"])
+@pytest.mark.parametrize(
+    ("dims", "size", "padding", "K"),
+    [(2, 32, 1, 9), (2, 5, 1, 12), (2, 6, 2, 20), (2, 2, 1, 9), (1, 7, 2, 4), (1, 12, 1, 9)],
+)
+def test_surplus_padding_is_never_searched_and_changes_nothing(metric, dims, size, padding, K):
+    """The hard layers search the real tokens and only the K-1 first padding tokens. Integer
+    features with many all-zero tokens tie with the padding (score 0) and NaN pixels tie
+    everywhere, so the selection must still equal a search over every token."""
+    torch.manual_seed(23)
+    shape = (2, 3) + (size,) * dims
+    x = torch.randint(-1, 2, shape).float() * (torch.rand(shape) < 0.6)
+    x.view(-1)[5] = float("nan")
+    layer = (Conv2dNN if dims == 2 else Conv1dNN)(3, 4, K=K, padding=padding, magnitude_type=metric)
+    tokens = layer.prepare_tokens(x)
+    got = layer.select_neighbors(tokens)
+    full = knn_search(
+        tokens.search
+        if tokens.search.shape[1] == tokens.query_positions.numel()
+        else tokens.search.index_select(1, tokens.query_positions),
+        tokens.search,
+        K,
+        metric,
+        query_positions=tokens.query_positions,
+    )
+    assert torch.equal(got, full)
+    pruned = layer._without_surplus_padding(tokens)
+    n_pad = tokens.search.shape[1] - tokens.query_positions.numel()
+    if n_pad > K - 1:
+        assert pruned.numel() == tokens.query_positions.numel() + K - 1
+        pads = sorted(set(range(tokens.search.shape[1])) - set(tokens.query_positions.tolist()))
+        assert sorted(pruned.tolist()) == sorted(tokens.query_positions.tolist() + pads[: K - 1])
+    else:
+        assert pruned is None
 
 
 def test_single_channel_cosine_massive_ties_match_reference() -> None:
