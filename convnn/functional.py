@@ -463,18 +463,18 @@ def _knn_search_op(
             kp = kp[:, candidates]
         k_sel = K - 1 if include_self else K
         self_cols = query_positions
-        if candidates is None or not include_self:
-            width = _search_width(m, k_sel)
-        else:
+        columns = m
+        if candidates is not None and include_self:
             # each query's self among the candidates; queries without one point at column m,
             # a spare -inf column, so that one index write per row replaces a mask pass
-            width = _search_width(m + 1, k_sel)
+            columns = m + 1
             at = torch.searchsorted(candidates, query_positions).clamp_(max=m - 1)
             self_cols = torch.where(candidates[at] == query_positions, at, m)
+        width = _search_width(columns, k_sel)
         if width > m:  # zero keys whose scores become -inf: whole blocks for _exact_topk
             kp = F.pad(kp, (0, 0, 0, width - m))
         cand_cols = None if candidates is None else F.pad(candidates, (0, width - m), value=-1)
-        for b0, b1, q0, q1 in _chunks(b, nq, _search_bytes_per_query(m, k_sel), budget):
+        for b0, b1, q0, q1 in _chunks(b, nq, _search_bytes_per_query(columns, k_sel), budget):
             scores = _scores_prepared(qp[b0:b1, q0:q1], kp[b0:b1], mt)
             if width > m:
                 scores[..., m:] = -math.inf

@@ -41,7 +41,6 @@ def hashed_permutation(n: int, seed: int, device: torch.device | str | None = No
     return torch.argsort(x, stable=True)
 
 
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
