@@ -205,6 +205,13 @@ def sparse_pattern_mask(n: int, pattern: str, stride: int, device: Any = None) -
     return mask
 
 
+def _pattern_is_dense(n: int, pattern: str, stride: int) -> bool:
+    """Whether :func:`sparse_pattern_mask` is all True, decided on the host (asking the device
+    would wait for the stream): every |i − j| ≤ n − 1 is within the band, or a multiple of the
+    stride."""
+    return stride >= n or (pattern == "strided" and (stride == 1 or stride == n - 1))
+
+
 class SparseAttention(_SelfAttention):
     """Fixed sparse attention patterns from Sparse Transformers (bidirectional).
 
@@ -228,8 +235,10 @@ class SparseAttention(_SelfAttention):
         self.stride = _check_int("stride", stride, 1)
 
     def _mask(self, q: Tensor, k: Tensor) -> Tensor | None:
-        mask = sparse_pattern_mask(k.shape[-2], self.pattern, self.stride, k.device)
-        return None if bool(mask.all()) else mask
+        n = k.shape[-2]
+        if _pattern_is_dense(n, self.pattern, self.stride):
+            return None
+        return sparse_pattern_mask(n, self.pattern, self.stride, k.device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pattern={self.pattern!r}, stride={self.stride}"

@@ -3,9 +3,13 @@
 A :class:`CandidateSampler` turns a (padded) token map into the candidate key indices that the
 search may choose from, shared across the batch, or ``None`` for "every token". It holds only
 its hyper-parameters: nothing about a call is stored, so one layer serves any input size.
+Candidates are made on the layer's device (``random`` from the device's generator, ``spatial``
+grids copied once per grid and device), so a forward never waits on a host-to-device copy.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -182,7 +186,7 @@ class CandidateSampler:
             if not training and self.eval_sampling == "fixed":
                 perm = hashed_permutation(n_tokens, self.eval_seed, device=device)
             else:
-                perm = torch.randperm(n_tokens)
+                perm = torch.randperm(n_tokens, device=device)
             return torch.sort(perm[: self.num_samples]).values
         if self.sampling_type == "spatial":
             n, q = self.num_samples, self.sample_padding
@@ -197,7 +201,20 @@ class CandidateSampler:
                     )
                 axes.append([p + padding for p in grid_positions(q, size - 1 - q, n)])
             if len(axes) == 1:
-                return torch.tensor(axes[0])
+                return _device_grid(tuple(axes[0]), device)
             rows, cols = axes
-            return torch.tensor([r * padded[1] + c for r in rows for c in cols])
+            return _device_grid(tuple(r * padded[1] + c for r in rows for c in cols), device)
         return None
+
+
+def _device_grid(flat: tuple[int, ...], device: torch.device | str | None) -> Tensor:
+    """The spatial grid's flat indices as a tensor on ``device``, without a host-to-device copy
+    per forward (a blocking copy waits for the whole GPU stream)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(flat, device=device)  # a constant of the compiled graph
+    return _cached_grid(flat, torch.device("cpu") if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_grid(flat: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(flat, device=device)

@@ -14,6 +14,7 @@ from convnn.mixers import (
     LocalAttention,
     MultiHeadAttention,
     SparseAttention,
+    _pattern_is_dense,
     sparse_pattern_mask,
 )
 
@@ -96,6 +97,15 @@ def test_strided_pattern_connects_every_pair_in_two_hops(n: int, stride: int) ->
     assert ((a @ a) > 0).all()
     assert torch.equal(a, a.T)  # bidirectional
     assert not a.all()  # actually sparse for these sizes
+
+
+def test_dense_pattern_rule_matches_the_mask() -> None:
+    """SparseAttention skips the mask when it is all True, decided without reading the device."""
+    for n in range(1, 14):
+        for stride in range(1, 16):
+            for pattern in ("local", "strided"):
+                dense = bool(sparse_pattern_mask(n, pattern, stride).all())
+                assert _pattern_is_dense(n, pattern, stride) == dense, (n, pattern, stride)
 
 
 def test_local_pattern_is_a_band_and_not_two_hop_connected() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from convnn.sampling import CandidateSampler
 
@@ -85,9 +87,46 @@ def test_spatial_n_at_least_min_side_is_all() -> None:
     assert s.candidates((5, 9), 0) is not None
 
 
-def test_candidates_follow_device_argument() -> None:
-    s = CandidateSampler("random", num_samples=3)
-    assert s.candidates((3, 3), 0, device="cpu").device.type == "cpu"
+class _HostTensorOps(TorchDispatchMode):
+    """Names the ops that touch a CPU tensor (on a GPU: made on the host, then copied over)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = tree_flatten((args, kwargs, out))[0]
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("sampler", "training"),
+    [
+        (CandidateSampler("random", num_samples=7), True),
+        (CandidateSampler("random", num_samples=7), False),
+        (CandidateSampler("random", num_samples=7, eval_sampling="random"), False),
+        (CandidateSampler("spatial", num_samples=3, sample_padding=1), True),
+    ],
+)
+def test_candidates_are_made_on_the_target_device(
+    sampler: CandidateSampler, training: bool
+) -> None:
+    """A blocking host-to-device copy per forward would wait for the whole GPU stream."""
+    sampler.candidates((6, 7), 1, training=training, device="meta")  # a grid's one-time copy
+    with _HostTensorOps() as rec:
+        cand = sampler.candidates((6, 7), 1, training=training, device="meta")
+    assert cand.device.type == "meta" and rec.ops == []
+
+
+def test_spatial_grid_is_built_once_per_shape_and_device() -> None:
+    s = CandidateSampler("spatial", num_samples=3)
+    a = s.candidates((6, 7), 1, device="cpu")
+    assert s.candidates((6, 7), 1, device=torch.device("cpu")) is a  # reused, not copied again
+    assert s.candidates((6, 7), 0, device="cpu").tolist() != a.tolist()
+    assert CandidateSampler("spatial", num_samples=3).candidates((6, 7), 1).tolist() == a.tolist()
 
 
 @pytest.mark.parametrize(
