@@ -150,7 +150,7 @@ class CandidateSampler:
 
         ``spatial_shape`` is the unpadded (H, W) or (T,); ``padding`` p pads every side. When
         ``K`` is given it is checked against the tokens/candidates of this call (errors name the
-        shapes).
+        shapes). A ``spatial`` grid is shared between calls: do not modify it in place.
         """
         shape = tuple(int(s) for s in spatial_shape)
         padded = tuple(s + 2 * padding for s in shape)
