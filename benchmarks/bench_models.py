@@ -26,12 +26,14 @@ ViT-Tiny uses 3 heads for the attention-type mixers.
 
 Usage::
 
-    python benchmarks/bench_models.py                          # CPU, fp32 + bf16, all models
+    python benchmarks/bench_models.py                          # CPU, all models (bf16: below)
     python benchmarks/bench_models.py --quick --out /tmp/x      # smoke run
     python benchmarks/bench_models.py --models vgg11 --layers conv,convnn --rounds 5
     python benchmarks/bench_models.py --device cuda --repeats 20
 
-Results: ``<out>/models.md`` and ``<out>/models.json``.
+bf16 runs by default only where autocast has native bf16 kernels (CUDA, or a CPU with
+AVX-512 BF16 / AMX); ``--precisions fp32,bf16`` forces it. Results: ``<out>/models.md`` and
+``<out>/models.json``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from bench_layers import (
     _quartiles,
     _reset_peak_rss,
     _spawn,
+    cpu_bf16_flags,
 )
 
 MODELS = ("vgg11", "resnet18", "vit_tiny")
@@ -340,7 +343,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--layers", default=",".join(LAYERS))
-    p.add_argument("--precisions", default=",".join(PRECISIONS))
+    p.add_argument(
+        "--precisions",
+        default="auto",
+        help="fp32,bf16; auto: fp32, and bf16 where the device has native bf16 kernels",
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case, at most")
     p.add_argument("--case-budget", type=float, default=20.0, help="seconds of timed steps")
@@ -354,9 +361,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.repeats, args.models, args.layers = 8, 2, "vgg11", "conv,convnn"
-    for key in ("models", "layers", "precisions"):
-        setattr(args, key, [v for v in getattr(args, key).split(",") if v])
+    if args.precisions == "auto":
+        args.precisions = ",".join(auto_precisions(args.device))
+    for key, valid in (("models", MODELS), ("layers", LAYERS), ("precisions", PRECISIONS)):
+        values = [v.strip() for v in getattr(args, key).split(",") if v.strip()]
+        bad = [v for v in values if v not in valid]
+        if bad or not values:
+            p.error(f"--{key}={getattr(args, key)!r}: {bad or 'empty'}; choose from {valid}")
+        setattr(args, key, values)
     return args
+
+
+def auto_precisions(device: str) -> list[str]:
+    """fp32, plus bf16 where autocast has native bf16 kernels: a CUDA device that supports it,
+    or a CPU with AVX-512 BF16 / AMX (elsewhere bf16 is emulated and a VGG11 step takes ~90 s)."""
+    if device.startswith("cuda"):
+        import torch
+
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        native = bool(cpu_bf16_flags())
+    if not native:
+        print(f"bf16 skipped: no native bf16 kernels on {device} (--precisions fp32,bf16 runs it)")
+    return ["fp32", "bf16"] if native else ["fp32"]
 
 
 def main(argv: list[str] | None = None) -> int:
