@@ -24,7 +24,7 @@ from convnn.functional import (
     knn_search,
 )
 from convnn.recording import note_selection
-from convnn.sampling import CandidateSampler
+from convnn.sampling import CandidateSampler, device_indices
 from convnn.shuffle import check_scale, pixel_shuffle_1d, pixel_unshuffle_1d
 
 __all__ = [
@@ -284,13 +284,11 @@ class ConvNNBase(nn.Module):
         over the others is wasted work (11 % of a padded 32×32 map, 28 % of an 8×8 one); the
         result is the same as searching all tokens.
         """
-        runs = _first_padding_runs(tokens.shape, self.padding, self.K - 1)
-        if runs is None:
+        pads = _first_padding_positions(tokens.shape, self.padding, self.K - 1)
+        if pads is None:
             return None
-        device = tokens.query_positions.device
-        # built on the device from ranges: no host-to-device copy (a stream sync on CUDA)
-        extra = [torch.arange(a, b, device=device) for a, b in runs]
-        return torch.cat([tokens.query_positions, *extra])
+        extra = device_indices(pads, tokens.query_positions.device)
+        return torch.cat([tokens.query_positions, extra])
 
     def _check_divisible(self, shape: tuple[int, ...]) -> None:
         s = self.shuffle_scale
@@ -311,29 +309,24 @@ class ConvNNBase(nn.Module):
         return (rows.view(-1, 1) * (w + 2 * p) + cols.view(1, -1)).reshape(-1)
 
 
-def _first_padding_runs(shape: tuple[int, ...], p: int, count: int) -> list[tuple[int, int]] | None:
-    """Raster index ranges [start, stop) holding the first ``count`` padding tokens of a map of
-    unpadded ``shape`` padded by ``p``; ``None`` when the map has no more than ``count`` padding
-    tokens. Plain Python on shapes (stops after ``count`` finds, usually within the first row)."""
+def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tuple[int, ...] | None:
+    """Raster indices of the first ``count`` padding tokens of a map of unpadded ``shape``
+    padded by ``p``; ``None`` when the map has no more than ``count`` padding tokens. Plain
+    Python on shapes (stops after ``count`` finds, usually within the first padded row)."""
     padded = [n + 2 * p for n in shape]
     if math.prod(padded) - math.prod(shape) <= count:
         return None
-    runs: list[tuple[int, int]] = []
-    found = 0
+    found: list[int] = []
     for flat in range(math.prod(padded)):
-        if found == count:
+        if len(found) == count:
             break
         rest, inside = flat, True
         for size, n in zip(reversed(padded), reversed(shape), strict=True):
             rest, pos = divmod(rest, size)
             inside = inside and p <= pos < n + p
         if not inside:
-            found += 1
-            if runs and runs[-1][1] == flat:
-                runs[-1] = (runs[-1][0], flat + 1)
-            else:
-                runs.append((flat, flat + 1))
-    return runs
+            found.append(flat)
+    return tuple(found)
 
 
 class _ConvNNHard(ConvNNBase):

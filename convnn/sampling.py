@@ -19,6 +19,7 @@ __all__ = [
     "EVAL_SEED",
     "SAMPLING_TYPES",
     "CandidateSampler",
+    "device_indices",
     "grid_positions",
     "hashed_permutation",
 ]
@@ -201,20 +202,21 @@ class CandidateSampler:
                     )
                 axes.append([p + padding for p in grid_positions(q, size - 1 - q, n)])
             if len(axes) == 1:
-                return _device_grid(tuple(axes[0]), device)
+                return device_indices(tuple(axes[0]), device)
             rows, cols = axes
-            return _device_grid(tuple(r * padded[1] + c for r in rows for c in cols), device)
+            return device_indices(tuple(r * padded[1] + c for r in rows for c in cols), device)
         return None
 
 
-def _device_grid(flat: tuple[int, ...], device: torch.device | str | None) -> Tensor:
-    """The spatial grid's flat indices as a tensor on ``device``, without a host-to-device copy
-    per forward (a blocking copy waits for the whole GPU stream)."""
+def device_indices(flat: tuple[int, ...], device: torch.device | str | None) -> Tensor:
+    """Constant indices (a spatial grid, padding positions) as a tensor on ``device``, copied
+    from the host once per (indices, device) and reused: a blocking host-to-device copy per
+    forward waits for the whole GPU stream. The tensor is shared: do not modify it in place."""
     if torch.compiler.is_compiling():
         return torch.tensor(flat, device=device)  # a constant of the compiled graph
-    return _cached_grid(flat, torch.device("cpu") if device is None else torch.device(device))
+    return _cached_indices(flat, torch.device("cpu") if device is None else torch.device(device))
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_grid(flat: tuple[int, ...], device: torch.device) -> Tensor:
+def _cached_indices(flat: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor(flat, device=device)
