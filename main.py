@@ -10,8 +10,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import framework.rundir  # noqa: F401  (registers the ${attempt_subdir:} resolver)
+import framework.rundir  # noqa: F401  (registers the ${attempt_subdir:} and ${launch_dir:} resolvers)
 from framework.console import configure_console
+from framework.errors import user_errors
 from framework.rundir import locked_run_dir
 from framework.schemas import register_configs
 from framework.train import run
@@ -29,7 +30,7 @@ def main(cfg: DictConfig) -> float:
     """Run one job; returns the best validation top-1 (what sweepers such as Optuna optimise;
     NaN when the run did no validation epoch)."""
     configure_console()  # one console line per record, rank 0 only
-    with locked_run_dir(Path(cfg.paths.output_dir)):  # multirun jobs too
+    with user_errors(), locked_run_dir(Path(cfg.paths.output_dir)):  # multirun jobs too
         value = run(cfg)[OBJECTIVE]
     return float("nan") if value is None else float(value)
 

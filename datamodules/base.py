@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.errors import CompactHydraException
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import transforms as T
 
 from datamodules.augment import BatchMixer, auto_augment_steps, random_erasing_steps
+from datamodules.errors import DataError
 
 __all__ = [
     "BaseDataModule",
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 # Fixed seed of the train/validation split: model selection uses the same held-out images for
 # every run seed, and never the test set.
 SPLIT_SEED = 0
-
-
-class DataError(CompactHydraException, RuntimeError):
-    """Data cannot be found or does not match the configuration (Hydra prints only the message,
-    without a traceback)."""
 
 
 class GaussianNoise(torch.nn.Module):

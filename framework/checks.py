@@ -319,10 +319,42 @@ def check_config(cfg: DictConfig) -> None:
             "Invalid configuration: ckpt_path and init_from are both set — ckpt_path resumes "
             "a run (weights, optimizer, epoch), init_from only loads weights; choose one."
         )
+    _check_recipes(cfg)
 
-    from framework.recipe_checks import check_recipes
 
-    check_recipes(cfg)
+# ------------------------------------------------------------------------ recipe checks
+ANALYSES = ("none", "neighbours")
+AUTO_AUGMENTS = (None, "randaugment", "trivialaugment")
+
+
+def _check_recipes(cfg: DictConfig) -> None:
+    """``analysis``, ``ema`` and the dataset augmentation keys."""
+    a = cfg.get("analysis")
+    if a:
+        name = a.get("name", "none")
+        if name not in ANALYSES:
+            raise _fail("analysis.name", name, f"allowed values are {', '.join(ANALYSES)}")
+        if name == "neighbours":
+            _int(a, "num_images", "analysis.", 1)
+            _int(a, "num_queries", "analysis.", 1)
+            _int(a, "seed", "analysis.", 0)
+
+    e = cfg.get("ema")
+    if e and e.get("enabled", False):
+        _number(e, "decay", "ema.", 0.0, 1.0)
+        _int(e, "update_every_n_steps", "ema.", 1)
+        if e.get("update_starting_at_step") is not None:
+            _int(e, "update_starting_at_step", "ema.", 0)
+
+    d = cfg.dataset
+    aa = d.get("auto_augment")
+    if aa not in AUTO_AUGMENTS:
+        allowed = "allowed values are null, randaugment, trivialaugment"
+        raise _fail("dataset.auto_augment", aa, allowed)
+    bounds = (("random_erasing", 1.0), ("mixup_alpha", math.inf), ("cutmix_alpha", math.inf))
+    for key, high in bounds:
+        if d.get(key) is not None:
+            _number(d, key, "dataset.", 0.0, high)
 
 
 def _check_path(value: Any, key: str) -> None:

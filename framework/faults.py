@@ -17,10 +17,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.errors import CompactHydraException
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+
+from datamodules.errors import UserError
 
 __all__ = [
     "CheckpointWriteError",
@@ -40,11 +41,11 @@ log = logging.getLogger(__name__)
 LAST_FINITE = "last-finite.ckpt"
 
 
-class CheckpointWriteError(CompactHydraException):
+class CheckpointWriteError(UserError):
     """A checkpoint could not be written; the run stops (exit 1, no traceback)."""
 
 
-class NonFiniteLossError(CompactHydraException):
+class NonFiniteLossError(UserError):
     """The training loss became NaN/inf; the run stops (exit 1, no traceback)."""
 
 

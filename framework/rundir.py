@@ -220,8 +220,17 @@ def _attempt_resolver(output_dir: str, subdir: str = ".hydra") -> str | None:
     return _ATTEMPTS[key]
 
 
+def _launch_dir() -> str:
+    """The directory the command was started from. Unlike ``${hydra:runtime.cwd}`` it resolves
+    before Hydra's job config exists (the multirun launcher reads ``hydra.sweep.dir`` then);
+    jobs never change directory (``hydra.job.chdir: false``), so both agree inside a job."""
+    return os.getcwd()
+
+
 if not OmegaConf.has_resolver("attempt_subdir"):
     OmegaConf.register_new_resolver("attempt_subdir", _attempt_resolver)
+if not OmegaConf.has_resolver("launch_dir"):
+    OmegaConf.register_new_resolver("launch_dir", _launch_dir)
 
 
 def attempt_subdir(run_dir: Path, subdir: str = ".hydra") -> str:

@@ -321,8 +321,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
 def register_configs() -> None:
     """Register the schemas: ``config_schema`` and ``schema/<group>/<name>``.
 
-    Layer schemas are ``schema/layer/<kind>``; net schemas ``schema/net/<class name>``.
+    Layer schemas are ``schema/layer/<kind>``; net schemas ``schema/net/<class name>``. Also
+    registers the config's resolvers (``${launch_dir:}``, ``${attempt_subdir:}``).
     """
+    import framework.rundir  # noqa: F401  (registers the resolvers)
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=RootConf)
     for group, schemas in SCHEMAS.items():

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN: dict[str, set[str]] = {
     "convnn": {"framework", "models", "datamodules", "hydra", "omegaconf", "lightning", "main"},
     "models": {"framework", "datamodules", "hydra", "omegaconf", "main"},
-    "datamodules": {"framework", "models", "main"},
+    "datamodules": {"framework", "models", "hydra", "main"},
     "framework": {"main"},
 }
 

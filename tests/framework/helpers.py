@@ -51,12 +51,20 @@ def main_cmd(*args: str) -> list[str]:
 
 
 def run_main(
-    args: Sequence[str], timeout: float = 240, env: dict[str, str] | None = None
+    args: Sequence[str],
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run main.py in a subprocess from the repository root."""
+    """Run main.py in a subprocess, from the repository root unless ``cwd`` is given."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
-        main_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+        main_cmd(*args),
+        cwd=ROOT if cwd is None else cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
 
 

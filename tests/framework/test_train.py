@@ -144,12 +144,14 @@ def test_multirun_summary_survives_a_failing_job(tmp_path: Path) -> None:
     assert all("optimizer.lr=-1" in r["error"] for r in rows if r["status"] == "failed")
 
 
-def test_multirun_prints_summary_table(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    proc = run_main(["-m", *TINY, "layer=conv", "seed=0,1", f"hydra.sweep.dir={sweep}"])
+def test_multirun_without_sweep_dir_from_another_directory(tmp_path: Path) -> None:
+    """Neither ``hydra.sweep.dir`` nor ``paths.root_dir`` is set, as a user types it, from a
+    directory outside the checkout: the sweep lands under ``<cwd>/outputs/multirun``."""
+    proc = run_main(["-m", *TINY, "layer=conv", "seed=0,1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep summary" in proc.stdout and "test/acc1" in proc.stdout
-    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    (summary,) = tmp_path.glob("outputs/multirun/*/*/sweep_summary.csv")
+    rows = list(csv.DictReader(summary.open()))
     assert [(r["seed"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
 
 
