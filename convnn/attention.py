@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnn.functional import attend_neighbors, gate_dropout_mask, knn_search, selected_scores
-from convnn.layers import ConvNNBase, TokenMap
+from convnn.layers import ConvNNBase, TokenMap, forwards_keywords
 from convnn.recording import is_recording, note_selection
 
 __all__ = [
@@ -90,6 +90,7 @@ class _ConvNNAttentionBase(ConvNNBase):
     ``aggregation_type="Loc_Col"`` already has them).
     """
 
+    @forwards_keywords(ConvNNBase.__init__)
     def __init__(
         self,
         in_channels: int,
@@ -266,51 +267,6 @@ class Conv1dNNAttention(_ConvNNAttentionBase):
 
     spatial_dims = 1
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        K: int = 9,
-        *,
-        sampling_type: str = "all",
-        num_samples: int = -1,
-        sample_padding: int = 0,
-        magnitude_type: str = "cosine",
-        padding: int = 0,
-        shuffle_pattern: str = "NA",
-        shuffle_scale: int = 1,
-        similarity_type: str = "Col",
-        aggregation_type: str = "Col",
-        lambda_param: float = 0.5,
-        num_heads: int = 1,
-        attention_dropout: float = 0.0,
-        convolution_type: str = "depthwise",
-        softmax_topk_val: bool = True,
-        coordinate_encoding: bool = False,
-        eval_sampling: str = "fixed",
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            K,
-            sampling_type=sampling_type,
-            num_samples=num_samples,
-            sample_padding=sample_padding,
-            magnitude_type=magnitude_type,
-            padding=padding,
-            shuffle_pattern=shuffle_pattern,
-            shuffle_scale=shuffle_scale,
-            similarity_type=similarity_type,
-            aggregation_type=aggregation_type,
-            lambda_param=lambda_param,
-            num_heads=num_heads,
-            attention_dropout=attention_dropout,
-            convolution_type=convolution_type,
-            softmax_topk_val=softmax_topk_val,
-            coordinate_encoding=coordinate_encoding,
-            eval_sampling=eval_sampling,
-        )
-
 
 class Conv2dNNAttention(_ConvNNAttentionBase):
     """ConvNN-Attention over an image (B, C, H, W) → (B, O, H', W').
@@ -320,51 +276,6 @@ class Conv2dNNAttention(_ConvNNAttentionBase):
     """
 
     spatial_dims = 2
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        K: int = 9,
-        *,
-        sampling_type: str = "all",
-        num_samples: int = -1,
-        sample_padding: int = 0,
-        magnitude_type: str = "cosine",
-        padding: int = 0,
-        shuffle_pattern: str = "NA",
-        shuffle_scale: int = 1,
-        similarity_type: str = "Col",
-        aggregation_type: str = "Col",
-        lambda_param: float = 0.5,
-        num_heads: int = 1,
-        attention_dropout: float = 0.0,
-        convolution_type: str = "depthwise",
-        softmax_topk_val: bool = True,
-        coordinate_encoding: bool = False,
-        eval_sampling: str = "fixed",
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            K,
-            sampling_type=sampling_type,
-            num_samples=num_samples,
-            sample_padding=sample_padding,
-            magnitude_type=magnitude_type,
-            padding=padding,
-            shuffle_pattern=shuffle_pattern,
-            shuffle_scale=shuffle_scale,
-            similarity_type=similarity_type,
-            aggregation_type=aggregation_type,
-            lambda_param=lambda_param,
-            num_heads=num_heads,
-            attention_dropout=attention_dropout,
-            convolution_type=convolution_type,
-            softmax_topk_val=softmax_topk_val,
-            coordinate_encoding=coordinate_encoding,
-            eval_sampling=eval_sampling,
-        )
 
 
 class ConvNNAttention(Conv1dNNAttention):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, NamedTuple
+import typing
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +40,43 @@ __all__ = [
     "ConvNNBase",
     "TokenMap",
     "check_floating",
+    "forwards_keywords",
 ]
 
 SIMILARITY_TYPES: tuple[str, ...] = ("Col", "Loc", "Loc_Col")
 AGGREGATION_TYPES: tuple[str, ...] = ("Col", "Loc_Col")
 SHUFFLE_PATTERNS: tuple[str, ...] = ("NA", "B", "A", "BA")
 _STD_EPS = 1e-6
+_Init = TypeVar("_Init", bound=Callable[..., Any])
+
+
+def forwards_keywords(target: Callable[..., Any]) -> Callable[[_Init], _Init]:
+    """Decorator for an ``__init__`` that passes ``**kwargs`` on to ``target``.
+
+    The decorated function's signature and type hints become its own parameters followed by
+    ``target``'s defaulted ones (keyword-only), so ``help()``, IDEs and the config schemas
+    (``inspect.signature``, ``typing.get_type_hints``) see every keyword, each declared once.
+    """
+
+    def decorate(init: _Init) -> _Init:
+        own = inspect.signature(init)
+        params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        names = {p.name for p in own.parameters.values()}
+        extra = [
+            p.replace(kind=p.KEYWORD_ONLY)
+            for p in inspect.signature(target).parameters.values()
+            if p.name not in names
+            and p.default is not p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        params += extra
+        hints = {**typing.get_type_hints(target), **typing.get_type_hints(init)}
+        kept = {p.name for p in params} | {"return"}
+        init.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        init.__annotations__ = {k: v for k, v in hints.items() if k in kept}
+        return init
+
+    return decorate
 
 
 class TokenMap(NamedTuple):
@@ -332,6 +365,7 @@ def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tupl
 class _ConvNNHard(ConvNNBase):
     """Hard selection (g = 1) aggregated by a Conv1d-layout filter ``weight`` (O', Cv, K)."""
 
+    @forwards_keywords(ConvNNBase.__init__)
     def __init__(self, in_channels: int, out_channels: int, K: int = 9, **kwargs: Any) -> None:
         super().__init__(in_channels, out_channels, K, **kwargs)
         self.weight = nn.Parameter(torch.empty(self.mix_out_channels, self.value_channels, self.K))
@@ -349,9 +383,6 @@ class _ConvNNHard(ConvNNBase):
         return aggregate_neighbors(
             tokens.values, idx, self.weight, self.bias, memory_budget=tokens.memory_budget
         )
-
-    # help() and IDEs show the full keyword list (declared once, on ConvNNBase).
-    __init__.__signature__ = inspect.signature(ConvNNBase.__init__)  # type: ignore[attr-defined]
 
 
 class Conv1dNN(_ConvNNHard):

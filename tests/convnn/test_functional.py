@@ -126,13 +126,13 @@ def test_module_level_memory_budget_is_used(monkeypatch: pytest.MonkeyPatch) -> 
     x = torch.randn(2, 40, 3)
     dense = knn_search(x, x, 6, "cosine")
     calls = []
-    original = cf._scores_prepared
+    original = cf.search._scores_prepared
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(cf, "_scores_prepared", counting)
+    monkeypatch.setattr(cf.search, "_scores_prepared", counting)  # where the search looks it up
     per_query = cf._search_bytes_per_query(40, 5)
     monkeypatch.setattr(cf, "MEMORY_BUDGET", 8 * per_query)  # 8 queries per block, 5 per sample
     assert torch.equal(knn_search(x, x, 6, "cosine"), dense)

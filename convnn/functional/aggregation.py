@@ -1,0 +1,217 @@
+"""Gather and aggregation: :func:`gather_neighbors` and the blocked, memory-efficient
+:func:`aggregate_neighbors` (``convnn::aggregate`` and its backward op)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from convnn.functional.budget import _check_btd, _chunks, _op_budget, resolve_memory_budget
+
+__all__ = [
+    "aggregate_neighbors",
+    "gather_neighbors",
+]
+
+_AGG_BYTES_FACTOR = 3  # gathered block + its gradient + the gated copy in backward
+
+
+def _flat_index(idx: Tensor, nk: int) -> Tensor:
+    """(B, Nq, K) per-sample indices -> flat indices into a (B·Nk, C) view."""
+    offs = torch.arange(idx.shape[0], device=idx.device).mul_(nk).view(-1, 1, 1)
+    return (idx + offs).reshape(-1)
+
+
+def gather_neighbors(values: Tensor, idx: Tensor) -> Tensor:
+    """Neighbour features (B, Nq, K, C) of channels-last ``values`` (B, Nk, C) at ``idx``.
+
+    One ``index_select`` on a flat view: no K-fold copy of the input before gathering.
+    """
+    _check_btd("values", values)
+    b, nk, c = values.shape
+    bq, nq, k = idx.shape
+    if bq != b:
+        raise ValueError(f"idx {tuple(idx.shape)} and values {tuple(values.shape)} differ in B")
+    flat = values.reshape(b * nk, c).index_select(0, _flat_index(idx, nk))
+    return flat.view(b, nq, k, c)
+
+
+def _agg_chunks(b: int, nq: int, k: int, c: int, o: int, element_size: int, budget: int):
+    """Work blocks for aggregation: the gathered block, its gradient and a gated copy fit."""
+    per_query = (k * c * _AGG_BYTES_FACTOR + o) * element_size
+    return _chunks(b, nq, per_query, budget)
+
+
+def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
+    """Flat row indices into the (B·Nk, C) view for samples b0:b1 and queries q0:q1."""
+    offs = torch.arange(b0, b1, device=idx.device).mul_(nk).view(-1, 1, 1)
+    return (idx[b0:b1, q0:q1] + offs).reshape(-1)
+
+
+@torch.library.custom_op("convnn::aggregate", mutates_args=())
+def _aggregate_op(
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gates: Tensor | None,
+    budget: int,
+) -> Tensor:
+    """Blocked gather + one matmul per block; see :func:`aggregate_neighbors`. ``weight`` is
+    the (O, K·C) rank-major filter (row o = W[o, :, 0], W[o, :, 1], ...)."""
+    b, nk, c = values.shape
+    _, nq, k = idx.shape
+    o = weight.shape[0]
+    if budget < 0:
+        budget = resolve_memory_budget(values.device)
+    w2 = weight.to(values.dtype).t()  # (K·C, O) view: BLAS reads it transposed, no copy
+    b2 = None if bias is None else bias.to(values.dtype)
+    src = values.reshape(b * nk, c)
+    # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
+    out = values.new_empty(b, o, nq)
+    for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
+        g = src.index_select(0, _block_index(idx, nk, b0, b1, q0, q1)).view(-1, k, c)
+        if gates is not None:
+            g.mul_(gates[b0:b1, q0:q1].reshape(-1, k, 1).to(g.dtype))
+        g = g.view(-1, k * c)
+        res = g @ w2 if b2 is None else torch.addmm(b2, g, w2)
+        out[b0:b1, :, q0:q1] = res.view(b1 - b0, q1 - q0, o).transpose(1, 2)
+    return out.transpose(1, 2)
+
+
+@_aggregate_op.register_fake
+def _(values, idx, weight, bias, gates, budget):
+    return values.new_empty(values.shape[0], weight.shape[0], idx.shape[1]).transpose(1, 2)
+
+
+@torch.library.custom_op("convnn::aggregate_backward", mutates_args=())
+def _aggregate_backward_op(
+    grad_out: Tensor,
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    gates: Tensor | None,
+    budget: int,
+    need_v: bool,
+    need_w: bool,
+    need_g: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (values, weight, gates) of :func:`_aggregate_op`, re-gathering per block;
+    an empty tensor stands for a gradient that is not needed."""
+    b, nk, c = values.shape
+    _, nq, k = idx.shape
+    o = weight.shape[0]
+    if budget < 0:
+        budget = resolve_memory_budget(values.device)
+    grad_out = grad_out.to(values.dtype)
+    w = weight.to(values.dtype)  # (O, K·C)
+    src = values.reshape(b * nk, c)
+    grad_v = torch.zeros_like(src) if need_v else None
+    grad_w = values.new_zeros(o, k * c) if need_w else None
+    grad_g = values.new_empty(b, nq, k) if need_g else None
+    for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
+        flat = _block_index(idx, nk, b0, b1, q0, q1)
+        go = grad_out[b0:b1, q0:q1].reshape(-1, o)
+        gate = None
+        if gates is not None:
+            gate = gates[b0:b1, q0:q1].reshape(-1, k, 1).to(values.dtype)
+        gathered = None
+        if need_w or need_g:
+            gathered = src.index_select(0, flat).view(-1, k, c)
+        if need_w:
+            x = gathered if gate is None else gathered * gate
+            grad_w.addmm_(go.t(), x.view(-1, k * c))
+        if need_v or need_g:
+            gx = (go @ w).view(-1, k, c)
+            if need_g:
+                grad_g[b0:b1, q0:q1] = (gx * gathered).sum(-1).view(b1 - b0, q1 - q0, k)
+            if need_v:
+                if gate is not None:
+                    gx = gx * gate
+                grad_v.index_add_(0, flat, gx.view(-1, c))
+    empty = values.new_empty(0)
+    return (
+        grad_v.view(b, nk, c) if need_v else empty,
+        grad_w.to(weight.dtype) if need_w else empty.clone(),
+        grad_g.to(gates.dtype) if need_g else empty.clone(),
+    )
+
+
+@_aggregate_backward_op.register_fake
+def _(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g):
+    empty = values.new_empty(0)
+    return (
+        values.new_empty(values.shape) if need_v else empty,
+        weight.new_empty(weight.shape) if need_w else empty.clone(),
+        gates.new_empty(gates.shape) if need_g else empty.clone(),
+    )
+
+
+def _aggregate_setup(ctx, inputs, output) -> None:
+    values, idx, weight, bias, gates, budget = inputs
+    ctx.save_for_backward(values, idx, weight, gates)
+    ctx.budget = budget
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _aggregate_backward(ctx, grad_out):
+    values, idx, weight, gates = ctx.saved_tensors
+    need_v, _, need_w, need_b, need_g, _ = ctx.needs_input_grad
+    grad_v, grad_w, grad_g = _aggregate_backward_op(
+        grad_out, values, idx, weight, gates, ctx.budget, need_v, need_w, need_g
+    )
+    grad_b = grad_out.sum((0, 1)).to(ctx.bias_dtype) if need_b else None
+    return (
+        grad_v if need_v else None,
+        None,
+        grad_w if need_w else None,
+        grad_b,
+        grad_g if need_g else None,
+        None,
+    )
+
+
+_aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
+def aggregate_neighbors(
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    gates: Tensor | None = None,
+    *,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """out[b, n, o] = bias[o] + Σ_k Σ_c W[o, c, k] · g[b, n, k] · v[b, idx[b, n, k], c].
+
+    ``values`` (B, Nk, C) channels-last, ``idx`` (B, Nq, K), ``weight`` (O, C, K) in
+    ``nn.Conv1d(C, O, K, stride=K)`` layout, ``gates`` optional (B, Nq, K). Returns (B, Nq, O).
+    Memory-efficient: per query block one gather and one matmul; nothing K-fold is stored for
+    backward (the gather is recomputed; gradients reach values, weight, bias and gates).
+    Under autocast the inputs are cast to the autocast dtype first (as ``nn.Conv1d`` would be).
+    """
+    _check_btd("values", values)
+    if idx.dim() != 3 or idx.shape[0] != values.shape[0]:
+        raise ValueError(f"idx must be (B, Nq, K) with B={values.shape[0]}, got {tuple(idx.shape)}")
+    k = idx.shape[2]
+    if weight.dim() != 3 or weight.shape[1] != values.shape[2] or weight.shape[2] != k:
+        raise ValueError(
+            f"weight must be (O, C={values.shape[2]}, K={k}), got {tuple(weight.shape)}"
+        )
+    if gates is not None and gates.shape != idx.shape:
+        raise ValueError(
+            f"gates must have idx's shape {tuple(idx.shape)}, got {tuple(gates.shape)}"
+        )
+    budget = _op_budget(values.device, memory_budget)
+    device_type = values.device.type
+    if torch.is_autocast_enabled(device_type):
+        # like nn.Conv1d under autocast: the matmuls run in the autocast dtype
+        low = torch.get_autocast_dtype(device_type)
+        values, weight = values.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        gates = None if gates is None else gates.to(low)
+    # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
+    # shared by the forward and backward matmuls; no transposed copy of the whole filter.
+    rows = weight.transpose(1, 2).reshape(weight.shape[0], k * weight.shape[1])
+    return _aggregate_op(values.contiguous(), idx.long(), rows, bias, gates, budget)

@@ -1,0 +1,283 @@
+"""Attention over the selected neighbours: differentiable scores of the selected keys and
+the fused, blocked :func:`attend_neighbors` (``convnn::attend`` and its backward op)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from convnn.functional.aggregation import _block_index, gather_neighbors
+from convnn.functional.budget import (
+    _EPS,
+    _check_btd,
+    _chunks,
+    _op_budget,
+    _score_dtype,
+    canonical_magnitude,
+    resolve_memory_budget,
+)
+
+__all__ = [
+    "ATTEND_MODES",
+    "attend_neighbors",
+    "gate_dropout_mask",
+    "selected_scores",
+]
+
+
+def selected_scores(queries: Tensor, keys: Tensor, idx: Tensor, magnitude_type: str) -> Tensor:
+    """Differentiable scores (B, Nq, K) of only the selected keys ``idx``.
+
+    Used for attention weights: gradients reach queries and keys without the dense matrix.
+    """
+    mt = canonical_magnitude(magnitude_type)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q = queries.to(_score_dtype(queries.dtype))
+        k = gather_neighbors(keys.to(_score_dtype(keys.dtype)), idx)  # (B, Nq, K, D)
+        if mt == "euclidean":
+            return -(q.unsqueeze(2) - k).pow(2).sum(-1)
+        if mt == "cosine":
+            q = F.normalize(q, dim=-1, eps=_EPS)
+            k = F.normalize(k, dim=-1, eps=_EPS)
+            return torch.einsum("bnd,bnkd->bnk", q, k)
+        return torch.einsum("bnd,bnkd->bnk", q, k) / math.sqrt(q.shape[-1])
+
+
+ATTEND_MODES: tuple[str, ...] = ("sum", "depthwise", "standard")
+
+
+def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: torch.dtype):
+    """Per-row filter of batch rows b0:b1 (row r belongs to head r mod ``heads``)."""
+    if weight is None:
+        return None, None
+    which = torch.arange(b0, b1, device=weight.device).remainder_(heads)
+    return which, weight.index_select(0, which).to(dtype)
+
+
+def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
+    """Recomputed forward of one block: (scores' inputs, gates, gathered values, head rows)."""
+    b0, b1, q0, q1 = blk
+    _, nk, d = k.shape
+    kk = idx.shape[-1]
+    flat = _block_index(idx, nk, b0, b1, q0, q1)
+    nb, nq = b1 - b0, q1 - q0
+    qb = q[b0:b1, q0:q1]
+    kg = k.reshape(-1, d).index_select(0, flat).view(nb, nq, kk, d)
+    if metric == "dot":
+        s = (kg @ qb.unsqueeze(-1)).squeeze(-1)
+    else:
+        s = (qb.unsqueeze(2) - kg).pow_(2).sum(-1).neg_()
+    g = s.softmax(dim=-1) if softmax else s
+    gm = g if mask is None else g * mask[b0:b1, q0:q1]
+    vg = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(nb, nq, kk, v.shape[-1])
+    which, w = _head_weight(weight, heads, b0, b1, v.dtype)
+    return flat, qb, kg, g, gm, vg, which, w
+
+
+@torch.library.custom_op("convnn::attend", mutates_args=())
+def _attend_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+) -> Tensor:
+    """Blocked forward of :func:`attend_neighbors`."""
+    bh, nq, kk = idx.shape
+    dv = v.shape[-1]
+    o = weight.shape[-1] if mode == "standard" else dv
+    if budget < 0:
+        budget = resolve_memory_budget(v.device)
+    out = v.new_empty(bh, nq, o)
+    per_query = (kk * (q.shape[-1] * q.element_size() + 2 * dv * v.element_size()) + o * 4) * 2
+    for blk in _chunks(bh, nq, per_query, budget):
+        b0, b1, q0, q1 = blk
+        _, _, _, _, gm, vg, _, w = _attend_block(
+            q, k, v, idx, mask, weight, heads, metric, softmax, blk
+        )
+        gv = gm.to(v.dtype).unsqueeze(-2)  # (nb, nq, 1, K)
+        if mode == "sum":
+            res = (gv @ vg).squeeze(-2)
+        elif mode == "depthwise":
+            res = (gv @ vg.mul_(w.unsqueeze(1))).squeeze(-2)
+        else:
+            x = vg.mul_(gv.transpose(-1, -2)).view(b1 - b0, q1 - q0, kk * dv)
+            res = torch.bmm(x, w)
+        out[b0:b1, q0:q1] = res
+    return out
+
+
+@_attend_op.register_fake
+def _(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+    o = weight.shape[-1] if mode == "standard" else v.shape[-1]
+    return v.new_empty(idx.shape[0], idx.shape[1], o)
+
+
+@torch.library.custom_op("convnn::attend_backward", mutates_args=())
+def _attend_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (q, k, v, weight) of :func:`_attend_op`; gathers are recomputed per block.
+    An empty tensor stands for the weight gradient when there is no weight."""
+    bh, nq, kk = idx.shape
+    d, dv = q.shape[-1], v.shape[-1]
+    o = grad_out.shape[-1]
+    if budget < 0:
+        budget = resolve_memory_budget(v.device)
+    grad_out = grad_out.to(v.dtype)
+    grad_q = torch.empty_like(q)
+    grad_k = torch.zeros(k.shape[0] * k.shape[1], d, dtype=k.dtype, device=k.device)
+    grad_v = torch.zeros(v.shape[0] * v.shape[1], dv, dtype=v.dtype, device=v.device)
+    grad_w = None if weight is None else torch.zeros(weight.shape, dtype=v.dtype, device=v.device)
+    per_query = (kk * (2 * d * q.element_size() + 3 * dv * v.element_size()) + o * 4) * 2
+    for blk in _chunks(bh, nq, per_query, budget):
+        b0, b1, q0, q1 = blk
+        nb, nqb = b1 - b0, q1 - q0
+        flat, qb, kg, g, gm, vg, which, w = _attend_block(
+            q, k, v, idx, mask, weight, heads, metric, softmax, blk
+        )
+        go = grad_out[b0:b1, q0:q1]
+        gv = gm.to(v.dtype)
+        if mode == "sum":
+            grad_gm = (vg @ go.unsqueeze(-1)).squeeze(-1)
+            grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
+        elif mode == "depthwise":
+            t = gv.unsqueeze(-1) * go.unsqueeze(2)  # (nb, nq, K, dv)
+            grad_w.index_add_(0, which, (t * vg).sum(1))
+            grad_gm = (vg.mul_(w.unsqueeze(1)) @ go.unsqueeze(-1)).squeeze(-1)
+            grad_vg = t.mul_(w.unsqueeze(1))
+        else:
+            x = (vg * gv.unsqueeze(-1)).view(nb, nqb, kk * dv)
+            grad_w.index_add_(0, which, torch.bmm(x.transpose(1, 2), go))
+            gx = torch.bmm(go, w.transpose(1, 2)).view(nb, nqb, kk, dv)
+            grad_gm = (gx * vg).sum(-1)
+            grad_vg = gx.mul_(gv.unsqueeze(-1))
+        grad_v.index_add_(0, flat, grad_vg.reshape(-1, dv))
+        grad_g = grad_gm.to(g.dtype)
+        if mask is not None:
+            grad_g = grad_g * mask[b0:b1, q0:q1]
+        if softmax:
+            grad_s = g * (grad_g - (grad_g * g).sum(-1, keepdim=True))
+        else:
+            grad_s = grad_g
+        if metric == "dot":
+            grad_q[b0:b1, q0:q1] = (grad_s.unsqueeze(-2) @ kg).squeeze(-2)
+            grad_kg = grad_s.unsqueeze(-1) * qb.unsqueeze(2)
+        else:
+            diff = qb.unsqueeze(2) - kg  # ds/dq = -2·diff, ds/dk = 2·diff
+            grad_kg = diff.mul_(grad_s.unsqueeze(-1) * 2.0)
+            grad_q[b0:b1, q0:q1] = grad_kg.sum(2).neg_()
+        grad_k.index_add_(0, flat, grad_kg.reshape(-1, d))
+    grad_w = v.new_empty(0) if grad_w is None else grad_w.to(weight.dtype)
+    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_w
+
+
+@_attend_backward_op.register_fake
+def _(grad_out, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+    grad_w = v.new_empty(0) if weight is None else weight.new_empty(weight.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_w
+
+
+def _attend_setup(ctx, inputs, output) -> None:
+    q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget = inputs
+    ctx.save_for_backward(q, k, v, idx, mask, weight)
+    ctx.args = (heads, metric, softmax, mode, budget)
+
+
+def _attend_backward(ctx, grad_out):
+    q, k, v, idx, mask, weight = ctx.saved_tensors
+    grads = _attend_backward_op(grad_out, q, k, v, idx, mask, weight, *ctx.args)
+    need = ctx.needs_input_grad
+    gq, gk, gv, gw = (g if need[i] else None for i, g in zip((0, 1, 2, 5), grads, strict=True))
+    return gq, gk, gv, None, None, gw, None, None, None, None, None
+
+
+_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
+
+
+def gate_dropout_mask(
+    shape: torch.Size | tuple[int, ...], p: float, *, training: bool, device: torch.device
+) -> Tensor | None:
+    """Inverted-dropout multipliers (0 or 1/(1-p)) for (B, Nq, K) attention gates, or ``None``
+    when dropout is inactive (eval, or p = 0)."""
+    if not training or p <= 0.0:
+        return None
+    keep = 1.0 - p
+    return torch.empty(shape, device=device).bernoulli_(keep).div_(keep)
+
+
+def attend_neighbors(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    idx: Tensor,
+    magnitude_type: str,
+    *,
+    softmax: bool = True,
+    weight: Tensor | None = None,
+    mode: str = "sum",
+    heads: int = 1,
+    gate_mask: Tensor | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Attention over the selected keys, with the scores and the gated aggregation fused.
+
+    Per query n of batch row r: s_k = score(q_n, key[idx_k]) under ``magnitude_type`` (float32
+    at least, as :func:`selected_scores`), g = softmax(s) (or s), times ``gate_mask`` (B, Nq, K)
+    if given (dropout); then ``mode``: ``sum`` → Σ_k g_k v_k (C); ``depthwise`` →
+    Σ_k g_k W[h, k, c] v_k[c] with ``weight`` (heads, K, C); ``standard`` →
+    Σ_{k,c} g_k v_k[c] W[h, k·C + c, o] with ``weight`` (heads, K·C, O). Row r uses head
+    h = r mod ``heads``. Blocked; backward recomputes the gathers, so no (B, Nq, K, ·) tensor
+    is kept for autograd. Gradients reach queries, keys, values and weight.
+    """
+    mt = canonical_magnitude(magnitude_type)
+    for name, t in (("queries", queries), ("keys", keys), ("values", values)):
+        _check_btd(name, t)
+    if mode not in ATTEND_MODES:
+        raise ValueError(f"mode={mode!r} is not supported; choose one of {ATTEND_MODES}")
+    if (weight is None) != (mode == "sum"):
+        raise ValueError(f"mode={mode!r} {'takes no' if mode == 'sum' else 'needs a'} weight")
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q = queries.to(_score_dtype(queries.dtype))
+        k = keys.to(_score_dtype(keys.dtype))
+        if mt == "cosine":
+            q, k = F.normalize(q, dim=-1, eps=_EPS), F.normalize(k, dim=-1, eps=_EPS)
+        elif mt == "matmul":
+            q = q / math.sqrt(q.shape[-1])
+        if gate_mask is not None:
+            gate_mask = gate_mask.to(q.dtype)
+        budget = _op_budget(values.device, memory_budget)
+        metric = "neg_sqdist" if mt == "euclidean" else "dot"
+        return _attend_op(
+            q.contiguous(),
+            k.contiguous(),
+            values.contiguous(),
+            idx.long(),
+            gate_mask,
+            weight,
+            heads,
+            metric,
+            softmax,
+            mode,
+            budget,
+        )

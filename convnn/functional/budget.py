@@ -1,0 +1,153 @@
+"""Scores and work blocks: the metrics, the float32 score computation and the per-device
+memory budget that sizes every work block of the search, aggregation and attention ops."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CPU_MEMORY_BUDGET",
+    "CUDA_MEMORY_FRACTION",
+    "MAGNITUDE_ALIASES",
+    "MAGNITUDE_TYPES",
+    "MEMORY_BUDGET",
+    "MEMORY_BUDGET_ENV",
+    "canonical_magnitude",
+    "pairwise_scores",
+    "resolve_memory_budget",
+]
+
+MAGNITUDE_TYPES: tuple[str, ...] = ("cosine", "euclidean", "matmul")
+MAGNITUDE_ALIASES: dict[str, str] = {
+    "similarity": "cosine",
+    "distance": "euclidean",
+    "dot": "matmul",
+}
+
+#: Working-memory budget (bytes) for one block of search scores or gathered neighbours on every
+#: device; ``None`` (default) = per-device default, see :func:`memory_budget`. Read at call time
+#: (``convnn.functional.MEMORY_BUDGET = 256 * 2**20`` takes effect on the next forward).
+MEMORY_BUDGET: int | None = None
+#: Budget on CPU (and any non-CUDA device) when nothing overrides it.
+CPU_MEMORY_BUDGET: int = 16 * 2**20
+#: Fraction of the free CUDA memory given to one work block when nothing overrides it.
+CUDA_MEMORY_FRACTION: float = 0.25
+#: Environment variable (bytes) that overrides the per-device default budget.
+MEMORY_BUDGET_ENV: str = "CONVNN_MEMORY_BUDGET"
+
+_EPS = 1e-12  # norm floor for cosine: x / max(||x||, eps)
+
+
+# ------------------------------------------------------------------------------- magnitude
+def canonical_magnitude(magnitude_type: str) -> str:
+    """Return the canonical metric name for ``magnitude_type`` (aliases accepted)."""
+    if isinstance(magnitude_type, str):
+        name = MAGNITUDE_ALIASES.get(magnitude_type, magnitude_type)
+        if name in MAGNITUDE_TYPES:
+            return name
+    choices = MAGNITUDE_TYPES + tuple(MAGNITUDE_ALIASES)
+    raise ValueError(f"magnitude_type={magnitude_type!r} is not supported; choose one of {choices}")
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores are at least float32 (bf16/fp16 change which neighbours win)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _prepare(x: Tensor, magnitude_type: str, *, is_query: bool) -> Tensor:
+    """Per-token preprocessing shared by the dense and the blocked score computation.
+
+    Contiguous output: one memory layout, hence one matmul kernel and one rounding, however the
+    caller built ``x`` (expanded coordinates, transposed views, ...).
+    """
+    x = x.to(_score_dtype(x.dtype)).contiguous()
+    if magnitude_type == "cosine":
+        return F.normalize(x, dim=-1, eps=_EPS)
+    if magnitude_type == "matmul" and is_query:
+        return x / math.sqrt(x.shape[-1])
+    return x
+
+
+def _scores_prepared(q: Tensor, k: Tensor, magnitude_type: str) -> Tensor:
+    """Scores between prepared queries (B, nq, D) and prepared keys (B, nk, D)."""
+    if magnitude_type == "euclidean":
+        qq = q.pow(2).sum(-1, keepdim=True)
+        kk = k.pow(2).sum(-1).unsqueeze(1)
+        d2 = torch.baddbmm(kk, q, k.transpose(1, 2), alpha=-2.0).add_(qq)
+        return d2.clamp_min_(0.0).neg_()
+    return torch.bmm(q, k.transpose(1, 2))
+
+
+def _check_btd(name: str, t: Tensor) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be (B, N, D), got shape {tuple(t.shape)}")
+
+
+def pairwise_scores(queries: Tensor, keys: Tensor, magnitude_type: str) -> Tensor:
+    """Dense larger-is-better scores (B, Nq, Nk) in float32 (float64 stays float64).
+
+    cosine = <x̂_i, x̂_j>, euclidean = -max(||q - k||², 0), matmul = <q, k> / sqrt(D).
+    """
+    mt = canonical_magnitude(magnitude_type)
+    _check_btd("queries", queries)
+    _check_btd("keys", keys)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q = _prepare(queries, mt, is_query=True)
+        return _scores_prepared(q, _prepare(keys, mt, is_query=False), mt)
+
+
+# ----------------------------------------------------------------------------- work blocks
+def resolve_memory_budget(device: torch.device | str, memory_budget: int | None = None) -> int:
+    """Bytes of working memory for one work block on ``device``, resolved in this order.
+
+    ``memory_budget`` (argument) > :data:`MEMORY_BUDGET` (module setting, if not ``None``) >
+    the ``CONVNN_MEMORY_BUDGET`` environment variable (bytes) > the device default: on CUDA
+    :data:`CUDA_MEMORY_FRACTION` of the free device memory (driver-free plus the caching
+    allocator's unused reserve; a host query, not a stream sync), elsewhere
+    :data:`CPU_MEMORY_BUDGET`. Layers call it once per forward.
+    """
+    if memory_budget is not None:
+        return int(memory_budget)
+    if MEMORY_BUDGET is not None:
+        return int(MEMORY_BUDGET)
+    env = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(
+                f"{MEMORY_BUDGET_ENV}={env!r} must be an integer number of bytes"
+            ) from None
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(CPU_MEMORY_BUDGET, int((free + cached) * CUDA_MEMORY_FRACTION))
+    return CPU_MEMORY_BUDGET
+
+
+def _chunks(batch: int, nq: int, per_query: int, budget: int) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, q0, q1) work blocks of at most ``budget`` bytes at ``per_query`` bytes per
+    (sample, query): whole samples when one fits (contiguous slices, few large ops), else
+    query blocks inside one sample."""
+    per_sample = max(1, nq * per_query)
+    if per_sample <= budget:
+        bb = budget // per_sample
+        return [(b0, min(batch, b0 + bb), 0, nq) for b0 in range(0, batch, bb)]
+    qb = max(1, budget // max(1, per_query))
+    return [(b0, b0 + 1, q0, min(nq, q0 + qb)) for b0 in range(batch) for q0 in range(0, nq, qb)]
+
+
+def _op_budget(device: torch.device, budget: int | None) -> int:
+    """Budget handed to an op: resolved now in eager mode; ``-1`` (resolve at run time) while
+    ``torch.compile`` traces, so that a varying free-memory figure never becomes a guard."""
+    if budget is not None:
+        return int(budget)
+    if torch.compiler.is_compiling():
+        return -1
+    return resolve_memory_budget(device)
