@@ -8,10 +8,8 @@ the per-layer distance distributions (``distances.png``). Pictures also go to W&
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from convnn import NeighborRecord, record_neighbors
+from framework.jsonio import finite_or_none, write_json
 
 __all__ = ["LayerGeometry", "analyse_neighbours", "layer_geometry", "layer_stats", "maybe_analyse"]
 
@@ -129,17 +128,6 @@ def layer_stats(rec: NeighborRecord, geo: LayerGeometry) -> dict[str, Any]:
         k = idx.shape[-1]
         stats["entropy_normalized"] = _mean(ent / math.log(k)) if k > 1 else None
     return stats
-
-
-def _strict(value: Any) -> Any:
-    """NaN/inf → None, recursively (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strict(v) for v in value]
-    return value
 
 
 def _pick_images(dm: Any, num: int, seed: int) -> Tensor:
@@ -284,10 +272,8 @@ def analyse_neighbours(
             files.append(_plot_layer(path, rec, geo, shown, num_queries, out))
     if pictures and records:
         files.append(_plot_distances(distances, out))
-    data = _strict({"layers": stats, "images": int(images.shape[0])})
-    tmp = out / ".stats.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out / "stats.json")
+    data = finite_or_none({"layers": stats, "images": int(images.shape[0])})
+    write_json(out / "stats.json", data, sort_keys=False)  # layers in network order
     if not records:
         log.warning("analysis=neighbours: the network has no ConvNN layer; nothing recorded")
     return data, files

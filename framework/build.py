@@ -17,6 +17,7 @@ from torch import nn
 
 from datamodules.base import BaseDataModule
 from framework.errors import ConfigError
+from models import backbone_for_target
 from models.layer_factory import IncompatibleLayerError, LayerFactory
 from models.module import ImageClassifier
 
@@ -36,9 +37,11 @@ _CONVNN_DIR = str(Path(__file__).resolve().parents[1] / "convnn")
 
 def net_name(cfg: DictConfig) -> str:
     """The network as a user names it (``VGG11``, ``ResNet18``, ``ViT``, ``SimpleNet`` ...)."""
-    cls = str(cfg.net._target_).rsplit(".", 1)[-1]
-    depth = cfg.net.get("depth") if cls in ("VGG", "ResNet") else None
-    return f"{cls}{depth}" if depth is not None else cls
+    target = str(cfg.net._target_)
+    try:
+        return backbone_for_target(target).display_name(cfg.net)
+    except KeyError:
+        return target.rsplit(".", 1)[-1]
 
 
 def config_keys(cfg: DictConfig, groups: Iterable[str]) -> dict[str, str]:

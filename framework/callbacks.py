@@ -1,4 +1,7 @@
-"""Callbacks every run uses: per-epoch metrics.csv, exact RNG resume, run ids, progress bars."""
+"""Every callback a run gets, assembled in one place (:func:`build_callbacks`): the configured
+ones (``cfg/callbacks``, ``callbacks.<name>=null`` drops one), then the always-on ones — per-epoch
+metrics.csv, exact RNG resume, run ids, the resume bookkeeping, CSV-log trimming — and the EMA
+(``ema=on``). The always-on callback classes not defined elsewhere live here too."""
 
 from __future__ import annotations
 
@@ -13,10 +16,15 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar, RichProgressBar
+from omegaconf import DictConfig
 
 from framework.console import running_metrics
+from framework.ema import EMA
+from framework.loggers import KeepLoggedSteps
+from framework.resume import RunConfig, TrainClock, run_config
 
 __all__ = [
     "EpochMetricsCSV",
@@ -24,6 +32,7 @@ __all__ = [
     "RNGStateCallback",
     "RunIds",
     "auto_progress_bar",
+    "build_callbacks",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,8 +133,15 @@ class RNGStateCallback(Callback):
 class RunIds(Callback):
     """Carries logger run ids (e.g. the W&B run id) inside checkpoints."""
 
+    KEY = "RunIds"  # where the checkpoint keeps it: ckpt["callbacks"][KEY]
+
     def __init__(self, ids: dict[str, str] | None = None) -> None:
         self.ids = dict(ids or {})
+
+    @property
+    def state_key(self) -> str:
+        """The fixed key of this state in ``ckpt["callbacks"]``, read before loggers are built."""
+        return self.KEY
 
     def state_dict(self) -> dict[str, Any]:
         """The ids to persist."""
@@ -177,3 +193,39 @@ def auto_progress_bar(refresh_rate: int = 1) -> ProgressBar:
     if sys.stdout.isatty() and not os.environ.get("CI"):
         return RichProgressBar(refresh_rate=refresh_rate)
     return PlainProgressBar()
+
+
+# ------------------------------------------------------------------------------ assembling
+def _ema_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """``[EMA(...)]`` when ``cfg.ema.enabled``, else ``[]``."""
+    e = cfg.get("ema")
+    if not e or not e.get("enabled", False):
+        return []
+    return [
+        EMA(
+            decay=float(e.decay),
+            update_every_n_steps=int(e.update_every_n_steps),
+            update_starting_at_step=e.update_starting_at_step,
+            use_buffers=bool(e.use_buffers),
+        )
+    ]
+
+
+def build_callbacks(
+    cfg: DictConfig, run_dir: Path, ids: dict[str, str], has_logger: bool
+) -> list[pl.Callback]:
+    """All callbacks of a run, in hook order: the configured ones, then metrics.csv, RNG, run
+    ids, train clock, run config, CSV-log trimming, and last the EMA.
+
+    Without a logger the lr monitor is dropped (metrics.csv still records the lr)."""
+    callbacks: list[pl.Callback] = []
+    for c in (cfg.callbacks or {}).values():
+        if not c or "_target_" not in c:
+            continue
+        callback = instantiate(c)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        callbacks.append(callback)
+    callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
+    callbacks += [TrainClock(), RunConfig(run_config(cfg)), KeepLoggedSteps()]
+    return callbacks + _ema_callbacks(cfg)

@@ -1,4 +1,5 @@
-"""``ema=on``: an exponential moving average of the weights, validated and tested with."""
+"""``ema=on``: an exponential moving average of the weights, validated and tested with (added to
+every run's callbacks by :func:`framework.callbacks.build_callbacks`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
-from omegaconf import DictConfig
 
-__all__ = ["EMA", "build_ema"]
+__all__ = ["EMA"]
 
 
 class EMA(EMAWeightAveraging):
@@ -22,18 +22,3 @@ class EMA(EMAWeightAveraging):
         if trainer.state.fn != "fit":
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-
-
-def build_ema(cfg: DictConfig) -> list[pl.Callback]:
-    """``[EMA(...)]`` when ``cfg.ema.enabled``, else ``[]``."""
-    e = cfg.get("ema")
-    if not e or not e.get("enabled", False):
-        return []
-    return [
-        EMA(
-            decay=float(e.decay),
-            update_every_n_steps=int(e.update_every_n_steps),
-            update_starting_at_step=e.update_starting_at_step,
-            use_buffers=bool(e.use_buffers),
-        )
-    ]

@@ -1,18 +1,34 @@
-"""Checks before a resume touches anything: the checkpoint is readable, its stored config agrees
-with the new one on everything an exact resume depends on, and its weights fit the model."""
+"""Exact resumes: the bookkeeping stored in every checkpoint (the run config, the accumulated
+train time), and the checks before a resume touches anything: the checkpoint is readable, its
+stored config agrees with the new one on everything an exact resume depends on."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError
 
-__all__ = ["REFUSED", "SAFE", "ResumeCheck", "check_resume", "config_diff", "flatten"]
+__all__ = [
+    "REFUSED",
+    "SAFE",
+    "ResumeCheck",
+    "RunConfig",
+    "TrainClock",
+    "check_resume",
+    "config_diff",
+    "flatten",
+    "run_config",
+    "stored_config",
+    "total_train_time",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +62,67 @@ SAFE = ("dataset.root", "dataset.num_workers", "dataset.pin_memory", "dataset.do
 HORIZON = ("scheduler.T_max",)
 
 
+# ---------------------------------------------------------------------- resume bookkeeping
+class TrainClock(Callback):
+    """Keeps the training time of earlier attempts in the checkpoint, so ``train_time_s`` of a
+    resumed run counts the whole run, not only the resumed part."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self._start: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start this attempt's clock."""
+        self._start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training time up to this checkpoint, all attempts together."""
+        now = 0.0 if self._start is None else time.perf_counter() - self._start
+        return {"train_time_s": self.before + now}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Time spent by the attempts before this one."""
+        self.before = float(state_dict.get("train_time_s", 0.0))
+
+
+class RunConfig(Callback):
+    """Stores the resolved run config in every checkpoint, so a resume can be checked against
+    the config that produced it."""
+
+    KEY = "RunConfig"  # where the checkpoint keeps it: ckpt["callbacks"][KEY]
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    @property
+    def state_key(self) -> str:
+        """The fixed key of this state in ``ckpt["callbacks"]``, read by :func:`stored_config`."""
+        return self.KEY
+
+    def state_dict(self) -> dict[str, Any]:
+        """The config (plain containers: loadable with ``weights_only=True``)."""
+        return {"config": self.config}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the config was compared before training started."""
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as stored in checkpoints and compared on resume (without ``paths``,
+    which may change)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved.pop("paths", None)
+    return resolved
+
+
+def total_train_time(trainer: pl.Trainer, this_attempt: float) -> float:
+    """``this_attempt`` plus the training time of earlier attempts (from the checkpoint)."""
+    before = sum(cb.before for cb in trainer.callbacks if isinstance(cb, TrainClock))
+    return before + this_attempt
+
+
+# ------------------------------------------------------------------------- resume checks
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts → ``{"a.b.c": leaf}`` (lists are leaves)."""
     if not isinstance(tree, dict):
@@ -126,12 +203,10 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def stored_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
-    """The run config stored by :class:`framework.faults.RunConfig`, if any."""
-    for key, state in ckpt.get("callbacks", {}).items():
-        if str(key).startswith("RunConfig") and isinstance(state, dict):
-            config = state.get("config")
-            return config if isinstance(config, dict) else None
-    return None
+    """The run config stored by :class:`RunConfig`, if any."""
+    state = ckpt.get("callbacks", {}).get(RunConfig.KEY)
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def check_resume(cfg: DictConfig, ckpt_path: str | None) -> ResumeCheck:
@@ -146,9 +221,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str | None) -> ResumeCheck:
     if old is None:
         log.warning("%s stores no run config; only its weights are checked", ckpt_path)
         return ResumeCheck(ckpt_path, ckpt)
-    new = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(new, dict)
-    new.pop("paths", None)
+    new = run_config(cfg)
     refused, allowed = config_diff(old, new)
     a, b = flatten(old), flatten(new)
     if refused and not cfg.get("test_only"):

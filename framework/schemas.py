@@ -13,14 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from convnn import LAYERS, SAMPLING_KEYWORDS, ConvNNBase, constructor_keywords, layer_options
-from models.convnext import ConvNextMini
-from models.resnet import ResNet
-from models.simple import SimpleNet
-from models.vgg import VGG
-from models.vit import ViT
+from models import BACKBONES
 
 __all__ = [
-    "BACKBONES",
     "SCHEMAS",
     "RootConf",
     "layer_schema",
@@ -98,7 +93,6 @@ def net_schema(cls: type) -> type:
 
 # Arguments the framework passes to every backbone (from the data), never set in ``net``.
 _NET_STRUCTURAL = frozenset({"self", "layer", "in_channels", "num_classes", "image_size"})
-BACKBONES: tuple[type, ...] = (SimpleNet, VGG, ResNet, ViT, ConvNextMini)
 
 SamplingConf = schema_from_signature(
     "SamplingConf",
@@ -321,7 +315,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
 def register_configs() -> None:
     """Register the schemas: ``config_schema`` and ``schema/<group>/<name>``.
 
-    Layer schemas are ``schema/layer/<kind>``; net schemas ``schema/net/<class name>``. Also
+    Layer schemas are ``schema/layer/<kind>``; net schemas ``schema/net/<backbone name>`` (one per
+    entry of the backbone registry, ``models.BACKBONES``). Also
     registers the config's resolvers (``${launch_dir:}``, ``${attempt_subdir:}``).
     """
     import framework.rundir  # noqa: F401  (registers the resolvers)
@@ -333,6 +328,6 @@ def register_configs() -> None:
             cs.store(group=f"schema/{group}", name=name, node=node)
     for name in LAYERS:
         cs.store(group="schema/layer", name=name, node=layer_schema(name))
-    for cls in BACKBONES:
-        cs.store(group="schema/net", name=cls.__name__, node=net_schema(cls))
+    for name, backbone in BACKBONES.items():
+        cs.store(group="schema/net", name=name, node=net_schema(backbone.cls))
     cs.store(group="schema/sampling", name="sampling", node=SamplingConf)

@@ -4,7 +4,6 @@ and summarise multirun sweeps."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -14,19 +13,19 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from framework.analysis import maybe_analyse
 from framework.build import build_module
-from framework.callbacks import EpochMetricsCSV, RNGStateCallback, RunIds
+from framework.callbacks import RunIds, build_callbacks
 from framework.checks import validate
-from framework.ema import build_ema
-from framework.faults import dumps_strict, run_callbacks, total_train_time, trainer_kwargs
+from framework.faults import trainer_kwargs
 from framework.inspect import describe_model, load_weights
-from framework.loggers import KeepLoggedSteps
+from framework.jsonio import write_json
+from framework.resume import total_train_time
 from framework.rundir import check_writable
 from models.module import ImageClassifier
 
@@ -36,21 +35,12 @@ log = logging.getLogger(__name__)
 SCHEDULER_META = ("interval", "monitor")
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file + ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps_strict(data))  # NaN/inf → null: strict JSON
-    os.replace(tmp, path)
-
-
 def _checkpoint_ids(ckpt_path: str | None) -> dict[str, str]:
     if ckpt_path is None:
         return {}
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    for key, state in ckpt.get("callbacks", {}).items():
-        if key.startswith("RunIds") and isinstance(state, dict):
-            return dict(state.get("ids", {}))
-    return {}
+    state = ckpt.get("callbacks", {}).get(RunIds.KEY)
+    return dict(state.get("ids", {})) if isinstance(state, dict) else {}
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -85,25 +75,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[L
     return loggers
 
 
-def build_callbacks(
-    cfg: DictConfig, run_dir: Path, ids: dict[str, str], has_logger: bool
-) -> list[pl.Callback]:
-    """Configured callbacks plus the ones every run needs (metrics.csv, RNG, run ids).
-
-    Without a logger the lr monitor is dropped (metrics.csv still records the lr)."""
-    callbacks: list[pl.Callback] = []
-    for c in (cfg.callbacks or {}).values():
-        if not c or "_target_" not in c:
-            continue
-        callback = instantiate(c)
-        if isinstance(callback, LearningRateMonitor) and not has_logger:
-            continue
-        callbacks.append(callback)
-    callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
-    callbacks += [*run_callbacks(cfg), KeepLoggedSteps()]  # faults: NaN stop, resume bookkeeping
-    return callbacks
-
-
 # ----------------------------------------------------------------------------------------- run
 def run(cfg: DictConfig) -> dict[str, Any]:
     """validate (build + probe) → data → fit/test → results.json. Returns the results.
@@ -132,7 +103,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ids = _checkpoint_ids(ckpt_path)
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
-    callbacks += build_ema(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
     )

@@ -1,0 +1,17 @@
+"""Backbones, the layer factory and the backbone registry (plain PyTorch: no Lightning, Hydra).
+
+Importing ``models`` registers every backbone: a new one is a module here with a
+``@register_backbone`` class, imported below, plus its ``cfg/net/<preset>.yaml``. The
+LightningModule lives in :mod:`models.module` and is imported only where it is used.
+"""
+
+from models import convnext, resnet, simple, vgg, vit  # noqa: F401  (registers the backbones)
+from models.registry import (
+    BACKBONES,
+    Backbone,
+    backbone_for_target,
+    create_backbone,
+    register_backbone,
+)
+
+__all__ = ["BACKBONES", "Backbone", "backbone_for_target", "create_backbone", "register_backbone"]

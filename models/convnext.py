@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["LAYER_NORMS", "ConvNextBlock", "ConvNextMini", "lecture_layer_norm"]
 
@@ -54,6 +55,7 @@ class ConvNextBlock(nn.Module):
         return f"layer_norm={self.layer_norm!r}"
 
 
+@register_backbone
 class ConvNextMini(nn.Module):
     """The lecture classifier (defaults reproduce it exactly, 32×32 CIFAR-10 input).
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["RESNET_DEPTHS", "BasicBlock", "ResNet", "conv3x3"]
 
@@ -57,6 +58,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+@register_backbone(variant_key="depth")
 class ResNet(nn.Module):
     """BasicBlock ResNet whose 3×3 convolutions are built by ``layer``.
 

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["SimpleNet"]
 
 
+@register_backbone
 class SimpleNet(nn.Module):
     """``num_layers`` blocks of [layer → BatchNorm → ReLU] at full resolution, global average
     pool, dropout and a linear head.

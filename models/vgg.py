@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["VGG", "VGG_CONFIGS", "vgg_features"]
 
@@ -42,6 +43,7 @@ def vgg_features(
     return nn.Sequential(*mods), c
 
 
+@register_backbone(variant_key="depth")
 class VGG(nn.Module):
     """VGG with BatchNorm; the 3×3 convolutions are built by ``layer``.
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["MLP", "POS_EMBEDDINGS", "TransformerBlock", "ViT", "sinusoidal_positions"]
 
@@ -60,6 +61,7 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@register_backbone
 class ViT(nn.Module):
     """Vision Transformer with ``layer.token_mixer(dim)`` in every block.
 

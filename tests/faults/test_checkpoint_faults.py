@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework import faults
-from framework.faults import CheckpointWriteError
+from framework import checkpoints
+from framework.checkpoints import CheckpointWriteError
 from framework.train import run
 
 from ..framework.helpers import TINY, compose_cfg, run_main
@@ -28,7 +28,7 @@ def _fail_fsync_after(monkeypatch: pytest.MonkeyPatch, ok_calls: int) -> list[in
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
 
-    monkeypatch.setattr(faults.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoints.os, "fsync", fsync)
     return calls
 
 
