@@ -11,6 +11,11 @@ resolution map (a ConvNN search over all tokens, not over a subsampled grid) and
 downsamples without discarding three quarters of its output, unlike a strided subsample. With
 ``layer=conv`` the network is torchvision's exactly — true strided, bias-free 3×3 convolutions —
 so parameter counts match ``torchvision.models.resnet18/34``.
+
+``variant="original"`` builds the ResNet of the original ConvNN code instead: no downsampling
+(every stage runs at the stem's output size, so a ConvNN layer searches all H·W tokens in every
+stage), a bare 1×1 convolution (no BatchNorm) as the shortcut where the width changes, and
+Dropout(0.5) before the classifier.
 """
 
 from __future__ import annotations
@@ -20,10 +25,21 @@ from torch import Tensor, nn
 from models.layer_factory import LayerFactory
 from models.registry import register_backbone
 
-__all__ = ["RESNET_DEPTHS", "BasicBlock", "ResNet", "conv3x3"]
+__all__ = [
+    "ORIGINAL_HEAD_DROPOUT",
+    "RESNET_DEPTHS",
+    "RESNET_VARIANTS",
+    "BasicBlock",
+    "ResNet",
+    "conv3x3",
+]
 
 RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STEMS: tuple[str, ...] = ("cifar", "imagenet")
+#: ``standard``: the CIFAR/torchvision ResNet; ``original``: the original ConvNN code's ResNet.
+RESNET_VARIANTS: tuple[str, ...] = ("standard", "original")
+#: Dropout before the classifier of the ``original`` variant (the original ``ResNet``'s default).
+ORIGINAL_HEAD_DROPOUT: float = 0.5
 
 
 def conv3x3(layer: LayerFactory, in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -32,10 +48,17 @@ def conv3x3(layer: LayerFactory, in_channels: int, out_channels: int, stride: in
 
 
 class BasicBlock(nn.Module):
-    """[3×3 → BN → ReLU → 3×3 → BN] + shortcut (1×1/stride conv + BN when the shape changes)."""
+    """[3×3 → BN → ReLU → 3×3 → BN] + shortcut (1×1/stride conv + BN when the shape changes;
+    without the BN when ``shortcut_norm`` is false, as the original ConvNN ResNet)."""
 
     def __init__(
-        self, layer: LayerFactory, in_channels: int, out_channels: int, stride: int = 1
+        self,
+        layer: LayerFactory,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        shortcut_norm: bool = True,
     ) -> None:
         super().__init__()
         self.conv1 = conv3x3(layer, in_channels, out_channels, stride)
@@ -45,10 +68,12 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+            shortcut: list[nn.Module] = [
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+            ]
+            if shortcut_norm:
+                shortcut.append(nn.BatchNorm2d(out_channels))
+            self.downsample = nn.Sequential(*shortcut)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in, H, W) → (B, out, H/stride, W/stride)."""
@@ -68,6 +93,9 @@ class ResNet(nn.Module):
         depth: 18 or 34.
         stem: ``cifar`` or ``imagenet``.
         base_width: channels of the first stage (64 = published; stages use ×1, ×2, ×4, ×8).
+        variant: ``standard`` (stride-2 stage transitions, shortcut with BatchNorm) or
+            ``original`` (the original ConvNN code's network: no downsampling, bare 1×1
+            shortcut, Dropout(0.5) head).
     """
 
     LAYER_ROLE = "2d"
@@ -81,6 +109,7 @@ class ResNet(nn.Module):
         depth: int = 18,
         stem: str = "cifar",
         base_width: int = 64,
+        variant: str = "standard",
     ) -> None:
         super().__init__()
         if depth not in RESNET_DEPTHS:
@@ -89,8 +118,12 @@ class ResNet(nn.Module):
             raise ValueError(f"stem={stem!r} is invalid; choose one of {STEMS}")
         if base_width < 1:
             raise ValueError(f"base_width={base_width} is invalid; expected an integer ≥ 1")
+        if variant not in RESNET_VARIANTS:
+            raise ValueError(f"variant={variant!r} is invalid; choose one of {RESNET_VARIANTS}")
+        original = variant == "original"
+        self.variant = variant
         min_size = 8 if stem == "cifar" else 32
-        if image_size < min_size:
+        if not original and image_size < min_size:
             raise ValueError(
                 f"image_size={image_size} is too small for stem={stem} (three stride-2 stages"
                 f"{'' if stem == 'cifar' else ' after a /4 stem'}); use ≥ {min_size}"
@@ -113,17 +146,19 @@ class ResNet(nn.Module):
         c = w
         for i, blocks in enumerate(RESNET_DEPTHS[depth]):
             out = w * 2**i
-            stride = 1 if i == 0 else 2
-            stage = [BasicBlock(layer, c, out, stride)]
+            stride = 1 if i == 0 or original else 2
+            stage = [BasicBlock(layer, c, out, stride, shortcut_norm=not original)]
             stage += [BasicBlock(layer, out, out, 1) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*stage))
             c = out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(ORIGINAL_HEAD_DROPOUT) if original else None
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, num_classes) logits."""
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.avgpool(x).flatten(1))
+        x = self.avgpool(x).flatten(1)
+        return self.fc(x if self.dropout is None else self.dropout(x))

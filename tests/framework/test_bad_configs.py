@@ -138,6 +138,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "vgg_depth": (["net=vgg11", "net.depth=12", *FAKE], "net.depth=12"),
     "vgg_head": (["net=vgg11", "net.head=x", *FAKE], "net.head='x'"),
     "resnet_stem": (["net=resnet18", "net.stem=x", *FAKE], "net.stem='x'"),
+    "resnet_variant": (["net=resnet34", "net.variant=x", *FAKE], "net.variant='x'"),
     "simple_layers": (["net.num_layers=9"], "net.num_layers=9"),
     "simple_dropout": (["net.dropout=1.5"], "net.dropout=1.5"),
     "simple_width_zero": (["net.channels=[0,8]", "net.num_layers=2"], "net.channels"),
