@@ -9,6 +9,7 @@ from convnn.attention import (
     ConvNNAttention,
 )
 from convnn.branching import Branching, BranchingMixer
+from convnn.checkpoints import from_convnn_attention_state_dict
 from convnn.layers import (
     AGGREGATION_TYPES,
     SHUFFLE_PATTERNS,
@@ -78,6 +79,7 @@ __all__ = [
     "TokenMap",
     "__version__",
     "constructor_keywords",
+    "from_convnn_attention_state_dict",
     "functional",
     "layer_options",
     "pixel_shuffle_1d",

@@ -40,6 +40,12 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid; expected a bool (True or False)")
+    return value
+
+
 def _check_dropout(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"attention_dropout={value!r} is invalid; expected a float in [0, 1)")
@@ -51,6 +57,8 @@ class _SelfAttention(nn.Module):
 
     Subclasses override :meth:`_mask` (which keys each query may see) or :meth:`_attend` (how
     heads are attended, e.g. per window). Input (B, N, in_dim) → (B, N, out_dim).
+    ``attention_bias=False`` drops the biases of the q/k/v and output projections (the original
+    ViT's attention layers have none).
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class _SelfAttention(nn.Module):
         in_dim: int | None = None,
         out_dim: int | None = None,
         dim_name: str = "dim",
+        attention_bias: bool = True,
     ) -> None:
         super().__init__()
         _check_int(dim_name, dim, 1)
@@ -74,8 +83,9 @@ class _SelfAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.attention_dropout = _check_dropout(attention_dropout)
-        self.qkv = nn.Linear(in_dim or dim, 3 * dim)
-        self.proj = nn.Linear(dim, out_dim or dim)
+        self.attention_bias = _check_bool("attention_bias", attention_bias)
+        self.qkv = nn.Linear(in_dim or dim, 3 * dim, bias=attention_bias)
+        self.proj = nn.Linear(dim, out_dim or dim, bias=attention_bias)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         p = self.attention_dropout if self.training else 0.0
@@ -100,15 +110,21 @@ class _SelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, "
-            f"attention_dropout={self.attention_dropout}"
+            f"attention_dropout={self.attention_dropout}, attention_bias={self.attention_bias}"
         )
 
 
 class MultiHeadAttention(_SelfAttention):
     """Standard multi-head self-attention over all N tokens."""
 
-    def __init__(self, dim: int, num_heads: int = 1, attention_dropout: float = 0.0) -> None:
-        super().__init__(dim, num_heads, attention_dropout)
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+        attention_bias: bool = True,
+    ) -> None:
+        super().__init__(dim, num_heads, attention_dropout, attention_bias=attention_bias)
 
 
 class _TokenSequence(NamedTuple):
@@ -127,9 +143,14 @@ class KNNAttention(_SelfAttention):
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 1, attention_dropout: float = 0.0, K: int = 100
+        self,
+        dim: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+        K: int = 100,
+        attention_bias: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, attention_dropout)
+        super().__init__(dim, num_heads, attention_dropout, attention_bias=attention_bias)
         self.K = _check_int("K", K, 1)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -168,8 +189,9 @@ class LocalAttention(_SelfAttention):
         num_heads: int = 1,
         attention_dropout: float = 0.0,
         window_size: int = 16,
+        attention_bias: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, attention_dropout)
+        super().__init__(dim, num_heads, attention_dropout, attention_bias=attention_bias)
         self.window_size = _check_int("window_size", window_size, 1)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -227,8 +249,9 @@ class SparseAttention(_SelfAttention):
         attention_dropout: float = 0.0,
         pattern: str = "strided",
         stride: int = 8,
+        attention_bias: bool = True,
     ) -> None:
-        super().__init__(dim, num_heads, attention_dropout)
+        super().__init__(dim, num_heads, attention_dropout, attention_bias=attention_bias)
         if pattern not in SPARSE_PATTERNS:
             raise ValueError(f"pattern={pattern!r} is invalid; choose one of {SPARSE_PATTERNS}")
         self.pattern = pattern
@@ -258,6 +281,7 @@ class Attention2d(nn.Module):
         out_channels: int,
         num_heads: int = 1,
         attention_dropout: float = 0.0,
+        attention_bias: bool = True,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
@@ -269,6 +293,7 @@ class Attention2d(nn.Module):
             attention_dropout,
             in_dim=in_channels,
             dim_name="out_channels",
+            attention_bias=attention_bias,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -280,7 +305,8 @@ class Attention2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, num_heads={self.attn.num_heads}, "
-            f"attention_dropout={self.attn.attention_dropout}"
+            f"attention_dropout={self.attn.attention_dropout}, "
+            f"attention_bias={self.attn.attention_bias}"
         )
 
 
