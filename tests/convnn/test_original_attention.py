@@ -381,9 +381,11 @@ def test_loader_renames_inside_a_whole_checkpoint() -> None:
             "weight",
         )
     ]
-    assert out[p + "k_proj.weight"] is conv.W_q.weight
-    assert out[p + "q_proj.weight"] is conv.W_k.weight
-    assert out["transformer_encoder.1.attention.W_q.weight"] is plain.W_q.weight
+    assert torch.equal(out[p + "k_proj.weight"], conv.W_q.weight)
+    assert torch.equal(out[p + "q_proj.weight"], conv.W_k.weight)
+    assert torch.equal(out[p + "weight"], conv.conv[0].weight)
+    assert torch.equal(out[p + "pointwise_weight"], conv.conv[1].weight)
+    assert torch.equal(out["transformer_encoder.1.attention.W_q.weight"], plain.W_q.weight)
     assert "classifier.weight" in out
 
 
