@@ -3,7 +3,8 @@ learned filter over their rank.
 
 For each query token i (per head): q, k, v are 1×1 projections; the K best keys under
 ``magnitude_type`` are selected (no gradient through selection); ``g`` = softmax over the K
-selected scores (or the raw scores); the gathered values, weighted by ``g``, are aggregated by a
+selected scores (or the raw scores; for ``euclidean`` the original's softmax(−‖q − k‖) or
+1 / (‖q − k‖ + 1e-8)); the gathered values, weighted by ``g``, are aggregated by a
 ``standard`` (O, C, K), ``depthwise`` (C, 1, K) or ``depthwise-separable`` filter; an output
 projection follows. With depthwise weights at 1 (their initial value), softmax on, ``all``
 sampling and K = N, the layer is exactly multi-head softmax attention.
@@ -18,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convnn.functional import attend_neighbors, gate_dropout_mask, knn_search, selected_scores
+from convnn.functional import (
+    attend_neighbors,
+    attention_gates,
+    gate_dropout_mask,
+    knn_search,
+    selected_scores,
+)
 from convnn.layers import ConvNNBase, TokenMap, forwards_keywords
 from convnn.recording import is_recording, note_selection
 
@@ -47,6 +54,7 @@ def _check_attention_args(
     convolution_type: str,
     softmax_topk_val: bool,
     coordinate_encoding: bool,
+    attention_bias: bool,
 ) -> None:
     """Validate the attention-only keywords; every message names argument, value and choices."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -70,6 +78,7 @@ def _check_attention_args(
     for name, value in (
         ("softmax_topk_val", softmax_topk_val),
         ("coordinate_encoding", coordinate_encoding),
+        ("attention_bias", attention_bias),
     ):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r} must be a bool (True or False)")
@@ -85,9 +94,10 @@ class _ConvNNAttentionBase(ConvNNBase):
     layout, is ``weight`` (O', C, K) + ``bias`` for ``standard``; ``weight`` (C, 1, K) (groups=C,
     no bias) for ``depthwise``; the same then ``pointwise_weight`` (O', C, 1) +
     ``pointwise_bias`` for ``depthwise-separable``. ``out_proj`` (``nn.Linear`` with bias) maps
-    the filter's channels to O'. ``coordinate_encoding`` appends the coordinate channels to the
-    q/k inputs (unless ``similarity_type`` already has them) and to the v input (unless
-    ``aggregation_type="Loc_Col"`` already has them).
+    the filter's channels to O'. ``attention_bias=False`` drops ``bias``, ``pointwise_bias``
+    and ``out_proj``'s bias (the original has none). ``coordinate_encoding`` appends the
+    coordinate channels to the q/k inputs (unless ``similarity_type`` already has them) and to
+    the v input (unless ``aggregation_type="Loc_Col"`` already has them).
     """
 
     @forwards_keywords(ConvNNBase.__init__)
@@ -102,6 +112,7 @@ class _ConvNNAttentionBase(ConvNNBase):
         convolution_type: str = "depthwise",
         softmax_topk_val: bool = True,
         coordinate_encoding: bool = False,
+        attention_bias: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(in_channels, out_channels, K, **kwargs)
@@ -113,12 +124,14 @@ class _ConvNNAttentionBase(ConvNNBase):
             convolution_type,
             softmax_topk_val,
             coordinate_encoding,
+            attention_bias,
         )
         self.num_heads = num_heads
         self.attention_dropout = float(attention_dropout)
         self.convolution_type = convolution_type
         self.softmax_topk_val = softmax_topk_val
         self.coordinate_encoding = coordinate_encoding
+        self.attention_bias = attention_bias
         d = self.spatial_dims
         # coordinate_encoding: q/k/v also see the coordinate channels (the base then builds them).
         self._add_search_coords = coordinate_encoding and self.similarity_type == "Col"
@@ -134,14 +147,19 @@ class _ConvNNAttentionBase(ConvNNBase):
         self.v_proj = nn.Linear(value_channels, c, bias=False)
         if convolution_type == "standard":
             self.weight = nn.Parameter(torch.empty(o, c, self.K))
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(o))
         else:
             self.weight = nn.Parameter(torch.empty(c, 1, self.K))
-            self.register_parameter("bias", None)
+        self.bias: nn.Parameter | None = None
+        if convolution_type == "standard" and attention_bias:
+            self.bias = nn.Parameter(torch.empty(o))
         if convolution_type == "depthwise-separable":
             self.pointwise_weight = nn.Parameter(torch.empty(o, c, 1))
-            self.pointwise_bias = nn.Parameter(torch.empty(o))
-        self.out_proj = nn.Linear(o if convolution_type != "depthwise" else c, o)
+            self.pointwise_bias: nn.Parameter | None = (
+                nn.Parameter(torch.empty(o)) if attention_bias else None
+            )
+        self.out_proj = nn.Linear(
+            o if convolution_type != "depthwise" else c, o, bias=attention_bias
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -187,7 +205,7 @@ class _ConvNNAttentionBase(ConvNNBase):
         if is_recording():  # the gates over the K, only inside convnn.record_neighbors
             with torch.no_grad():
                 scores = selected_scores(q, k, idx, mt)
-                gates = scores.softmax(dim=-1) if self.softmax_topk_val else scores
+                gates = attention_gates(scores, mt, softmax=self.softmax_topk_val)
             note_selection(self, tokens, idx, gates)
         mask = gate_dropout_mask(
             idx.shape, self.attention_dropout, training=self.training, device=idx.device
@@ -218,7 +236,7 @@ class _ConvNNAttentionBase(ConvNNBase):
                 **common,
             )
             out = out.unflatten(0, (b, h)).sum(1)
-            return out + self.bias.to(out.dtype)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         # depthwise: out[c] = Σ_k W[c, 0, k] · g_k · v[idx_k, c], per head on its own channels
         w = self.weight.view(h, d, kk).transpose(1, 2)  # (h, K, d)
         out = attend_neighbors(
@@ -243,15 +261,17 @@ class _ConvNNAttentionBase(ConvNNBase):
             f"attention_dropout={self.attention_dropout}, "
             f"convolution_type={self.convolution_type!r}, "
             f"softmax_topk_val={self.softmax_topk_val}, "
-            f"coordinate_encoding={self.coordinate_encoding}"
+            f"coordinate_encoding={self.coordinate_encoding}, "
+            f"attention_bias={self.attention_bias}"
         )
 
 
-def _conv1d_init(weight: Tensor, bias: Tensor) -> None:
-    """``nn.Conv1d``'s default initialisation of a (O, C, K) weight and its bias."""
+def _conv1d_init(weight: Tensor, bias: Tensor | None) -> None:
+    """``nn.Conv1d``'s default initialisation of a (O, C, K) weight and its bias (if any)."""
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    bound = 1.0 / math.sqrt(weight.shape[1] * weight.shape[2])
-    nn.init.uniform_(bias, -bound, bound)
+    if bias is not None:
+        bound = 1.0 / math.sqrt(weight.shape[1] * weight.shape[2])
+        nn.init.uniform_(bias, -bound, bound)
 
 
 class Conv1dNNAttention(_ConvNNAttentionBase):
@@ -260,9 +280,11 @@ class Conv1dNNAttention(_ConvNNAttentionBase):
     Shares every keyword of :class:`convnn.Conv1dNN`, plus ``num_heads`` (independent searches
     on C/h channel groups), ``attention_dropout`` (on the gates), ``convolution_type``
     (``standard`` | ``depthwise`` | ``depthwise-separable``), ``softmax_topk_val`` (softmax
-    over the K selected scores, else the raw scores are the gates) and ``coordinate_encoding``
-    (q/k/v also see the coordinate channel). In ``all`` mode the K best keys are taken as they
-    are (self is not forced); in sampled modes self is slot 0 with its own score as logit.
+    over the K selected scores, else the raw scores are the gates; ``euclidean`` gates are
+    softmax(−‖q − k‖) or 1 / (‖q − k‖ + 1e-8)), ``coordinate_encoding`` (q/k/v also see the
+    coordinate channel) and ``attention_bias`` (biases of the output projection and filter).
+    In ``all`` mode the K best keys are taken as they are (self is not forced); in sampled modes
+    self is slot 0 with its own score as logit.
     """
 
     spatial_dims = 1

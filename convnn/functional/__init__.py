@@ -42,7 +42,9 @@ from convnn.functional.aggregation import _agg_chunks as _agg_chunks
 from convnn.functional.aggregation import aggregate_neighbors, gather_neighbors
 from convnn.functional.attention import (
     ATTEND_MODES,
+    DISTANCE_EPS,
     attend_neighbors,
+    attention_gates,
     gate_dropout_mask,
     selected_scores,
 )
@@ -69,12 +71,14 @@ __all__ = [
     "ATTEND_MODES",
     "CPU_MEMORY_BUDGET",
     "CUDA_MEMORY_FRACTION",
+    "DISTANCE_EPS",
     "MAGNITUDE_ALIASES",
     "MAGNITUDE_TYPES",
     "MEMORY_BUDGET",
     "MEMORY_BUDGET_ENV",
     "aggregate_neighbors",
     "attend_neighbors",
+    "attention_gates",
     "canonical_magnitude",
     "coordinate_grid_1d",
     "coordinate_grid_2d",

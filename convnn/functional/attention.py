@@ -22,7 +22,9 @@ from convnn.functional.budget import (
 
 __all__ = [
     "ATTEND_MODES",
+    "DISTANCE_EPS",
     "attend_neighbors",
+    "attention_gates",
     "gate_dropout_mask",
     "selected_scores",
 ]
@@ -57,6 +59,41 @@ def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: tor
     return which, weight.index_select(0, which).to(dtype)
 
 
+#: Added to the distance in the raw euclidean attention weights 1 / (‖q − k‖ + eps), as the
+#: original ConvNN-Attention.
+DISTANCE_EPS = 1e-8
+
+
+def _gate_weights(s: Tensor, euclidean: bool, softmax: bool) -> Tensor:
+    """Attention weights of the K selected keys from their scores ``s`` (−‖q − k‖² for
+    euclidean): softmax(s) or s; euclidean, with d = ‖q − k‖: softmax(−d) or 1 / (d + 1e-8).
+    The root is taken of max(d², tiny), so a zero distance keeps finite gradients."""
+    if euclidean:
+        d = s.neg().clamp_min_(torch.finfo(s.dtype).tiny).sqrt_()
+        return d.neg().softmax(dim=-1) if softmax else d.add_(DISTANCE_EPS).reciprocal_()
+    return s.softmax(dim=-1) if softmax else s
+
+
+def _distance_score_grad(d2: Tensor, g: Tensor, grad_g: Tensor, softmax: bool) -> Tensor:
+    """Gradient w.r.t. s = −d² of the euclidean weights ``g`` (:func:`_gate_weights`); zero
+    where the clamp inside the root holds."""
+    tiny = torch.finfo(d2.dtype).tiny
+    if softmax:  # g = softmax(−d)
+        grad_d = g * ((grad_g * g).sum(-1, keepdim=True) - grad_g)
+    else:  # g = 1 / (d + eps): dg/dd = −g²
+        grad_d = -grad_g * g * g
+    # d = sqrt(−s): dd/ds = −1 / (2d)
+    return torch.where(d2 > tiny, grad_d * -0.5 / d2.clamp_min(tiny).sqrt(), 0.0)
+
+
+def attention_gates(scores: Tensor, magnitude_type: str, *, softmax: bool = True) -> Tensor:
+    """The weights ConvNN-Attention gives its K selected keys, from :func:`selected_scores`:
+    softmax over them or the raw scores; for ``euclidean`` softmax(−‖q − k‖) or
+    1 / (‖q − k‖ + 1e-8), the original's weights (the squared distance only ranks)."""
+    euclidean = canonical_magnitude(magnitude_type) == "euclidean"
+    return _gate_weights(scores, euclidean, softmax)
+
+
 def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     """Recomputed forward of one block: (scores' inputs, gates, gathered values, head rows)."""
     b0, b1, q0, q1 = blk
@@ -70,7 +107,7 @@ def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
         s = (kg @ qb.unsqueeze(-1)).squeeze(-1)
     else:
         s = (qb.unsqueeze(2) - kg).pow_(2).sum(-1).neg_()
-    g = s.softmax(dim=-1) if softmax else s
+    g = _gate_weights(s, metric == "dist", softmax)
     gm = g if mask is None else g * mask[b0:b1, q0:q1]
     vg = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(nb, nq, kk, v.shape[-1])
     which, w = _head_weight(weight, heads, b0, b1, v.dtype)
@@ -176,15 +213,16 @@ def _attend_backward_op(
         grad_g = grad_gm.to(g.dtype)
         if mask is not None:
             grad_g = grad_g * mask[b0:b1, q0:q1]
-        if softmax:
-            grad_s = g * (grad_g - (grad_g * g).sum(-1, keepdim=True))
-        else:
-            grad_s = grad_g
         if metric == "dot":
+            if softmax:
+                grad_s = g * (grad_g - (grad_g * g).sum(-1, keepdim=True))
+            else:
+                grad_s = grad_g
             grad_q[b0:b1, q0:q1] = (grad_s.unsqueeze(-2) @ kg).squeeze(-2)
             grad_kg = grad_s.unsqueeze(-1) * qb.unsqueeze(2)
         else:
-            diff = qb.unsqueeze(2) - kg  # ds/dq = -2·diff, ds/dk = 2·diff
+            diff = qb.unsqueeze(2) - kg  # s = -‖diff‖²: ds/dq = -2·diff, ds/dk = 2·diff
+            grad_s = _distance_score_grad(diff.pow(2).sum(-1), g, grad_g, softmax)
             grad_kg = diff.mul_(grad_s.unsqueeze(-1) * 2.0)
             grad_q[b0:b1, q0:q1] = grad_kg.sum(2).neg_()
         grad_k.index_add_(0, flat, grad_kg.reshape(-1, d))
@@ -243,7 +281,8 @@ def attend_neighbors(
     """Attention over the selected keys, with the scores and the gated aggregation fused.
 
     Per query n of batch row r: s_k = score(q_n, key[idx_k]) under ``magnitude_type`` (float32
-    at least, as :func:`selected_scores`), g = softmax(s) (or s), times ``gate_mask`` (B, Nq, K)
+    at least, as :func:`selected_scores`), g = :func:`attention_gates` of s (softmax(s) or s;
+    euclidean: softmax(−‖q − k‖) or 1 / (‖q − k‖ + 1e-8)), times ``gate_mask`` (B, Nq, K)
     if given (dropout); then ``mode``: ``sum`` → Σ_k g_k v_k (C); ``depthwise`` →
     Σ_k g_k W[h, k, c] v_k[c] with ``weight`` (heads, K, C); ``standard`` →
     Σ_{k,c} g_k v_k[c] W[h, k·C + c, o] with ``weight`` (heads, K·C, O). Row r uses head
@@ -267,7 +306,7 @@ def attend_neighbors(
         if gate_mask is not None:
             gate_mask = gate_mask.to(q.dtype)
         budget = _op_budget(values.device, memory_budget)
-        metric = "neg_sqdist" if mt == "euclidean" else "dot"
+        metric = "dist" if mt == "euclidean" else "dot"
         return _attend_op(
             q.contiguous(),
             k.contiguous(),

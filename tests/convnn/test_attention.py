@@ -53,7 +53,11 @@ def dense_reference(layer: Conv1dNNAttention, tokens: torch.Tensor) -> torch.Ten
     scores = _dense_scores(q, k, layer.magnitude_type)
     idx = torch.argsort(-scores, dim=-1, stable=True)[..., :kk]  # ties -> lower index
     sel = scores.gather(-1, idx)
-    g = sel.softmax(-1) if layer.softmax_topk_val else sel
+    if layer.magnitude_type == "euclidean":  # weights from the distance, as the original
+        dist = (-sel).sqrt()
+        g = (-dist).softmax(-1) if layer.softmax_topk_val else 1.0 / (dist + 1e-8)
+    else:
+        g = sel.softmax(-1) if layer.softmax_topk_val else sel
     d = c // h
     gathered = (
         v.unsqueeze(2).expand(b, h, n, n, d).gather(3, idx.unsqueeze(-1).expand(b, h, n, kk, d))
@@ -283,7 +287,9 @@ def test_gradcheck(convolution_type: str) -> None:
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize(("magnitude_type", "softmax"), [("cosine", True), ("euclidean", False)])
+@pytest.mark.parametrize(
+    ("magnitude_type", "softmax"), [("cosine", True), ("euclidean", False), ("euclidean", True)]
+)
 def test_gradcheck_input_for_other_metrics(magnitude_type: str, softmax: bool) -> None:
     torch.manual_seed(15)
     layer = Conv1dNNAttention(

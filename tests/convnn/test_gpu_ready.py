@@ -338,12 +338,12 @@ def test_attend_gradcheck_many_blocks(metric: str, mode: str) -> None:
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_attend_equals_the_composite_formula(metric: str) -> None:
-    """softmax(selected_scores) gates a depthwise filter over the gathered values."""
+    """attention_gates(selected_scores) gate a depthwise filter over the gathered values."""
     torch.manual_seed(6)
     q, k, v = torch.randn(3, 2, 7, 4, dtype=torch.float64).unbind(0)
     idx = knn_search(q, k, 4, metric, include_self=False)
     w = torch.randn(1, 4, 4, dtype=torch.float64)
-    g = selected_scores(q, k, idx, metric).softmax(-1)
+    g = cf.attention_gates(selected_scores(q, k, idx, metric), metric)
     ref = torch.einsum("bnk,bnkc->bnc", g, cf.gather_neighbors(v, idx) * w)
     got = attend_neighbors(q, k, v, idx, metric, weight=w, mode="depthwise", memory_budget=1)
     torch.testing.assert_close(got, ref)
