@@ -149,14 +149,16 @@ class _ConvNNAttentionBase(ConvNNBase):
             self.weight = nn.Parameter(torch.empty(o, c, self.K))
         else:
             self.weight = nn.Parameter(torch.empty(c, 1, self.K))
-        self.bias: nn.Parameter | None = None
         if convolution_type == "standard" and attention_bias:
-            self.bias = nn.Parameter(torch.empty(o))
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(o))
+        else:
+            self.register_parameter("bias", None)
         if convolution_type == "depthwise-separable":
             self.pointwise_weight = nn.Parameter(torch.empty(o, c, 1))
-            self.pointwise_bias: nn.Parameter | None = (
-                nn.Parameter(torch.empty(o)) if attention_bias else None
-            )
+            if attention_bias:
+                self.pointwise_bias: nn.Parameter | None = nn.Parameter(torch.empty(o))
+            else:
+                self.register_parameter("pointwise_bias", None)
         self.out_proj = nn.Linear(
             o if convolution_type != "depthwise" else c, o, bias=attention_bias
         )
