@@ -15,6 +15,7 @@ from framework.console import configure_console
 from framework.errors import user_errors
 from framework.rundir import locked_run_dir
 from framework.schemas import register_configs
+from framework.sweep import resume_sweep_job
 from framework.train import run
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def main(cfg: DictConfig) -> float:
     NaN when the run did no validation epoch)."""
     configure_console()  # one console line per record, rank 0 only
     with user_errors(), locked_run_dir(Path(cfg.paths.output_dir)):  # multirun jobs too
-        value = run(cfg)[OBJECTIVE]
+        cfg, finished = resume_sweep_job(cfg)  # a resumed sweep keeps its finished jobs
+        value = (finished if finished is not None else run(cfg))[OBJECTIVE]
     return float("nan") if value is None else float(value)
 
 
