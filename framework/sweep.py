@@ -306,9 +306,9 @@ def check_resumable(sweep_dir: Path, record: dict[str, Any]) -> int:
         if a.get(key) != b.get(key):
             changes.append(f"{key}: {a.get(key, '(not given)')} → {b.get(key, '(not given)')}")
     if not changes and old.get("jobs") != record["jobs"]:
-        swept = [k for k in a if "," in a[k]]
+        was, now = ([k for k in d if "," in d[k]] for d in (a, b))
         changes.append(
-            "the order of the swept parameters (" + ", ".join(swept) + ") changed, which "
+            f"the order of the swept parameters ({', '.join(was)} → {', '.join(now)}), which "
             "renumbers the jobs"
         )
     if changes:
