@@ -25,12 +25,14 @@ from framework.errors import ConfigError
 
 __all__ = [
     "LOCK_NAME",
+    "OFFSET_VARIABLE",
     "RunDirGuard",
     "RunDirLock",
     "RunDirLockedError",
     "attempt_subdir",
     "check_writable",
     "is_rank_zero",
+    "job_subdir",
     "locked_run_dir",
 ]
 
@@ -227,10 +229,23 @@ def _launch_dir() -> str:
     return os.getcwd()
 
 
+# The number of the first job (Optuna: trial) of this invocation; set by the sweep callback
+# before any job starts. An environment variable reaches the jobs of every launcher.
+OFFSET_VARIABLE = "CONVNN_SWEEP_JOB_OFFSET"
+
+
+def job_subdir(job_num: Any) -> str:
+    """``${job_subdir:${hydra.job.num}}``: a job's folder in its sweep: the job number of a
+    grid sweep, the trial number in an Optuna study (which continues across invocations)."""
+    return str(int(job_num) + int(os.environ.get(OFFSET_VARIABLE, "0")))
+
+
 if not OmegaConf.has_resolver("attempt_subdir"):
     OmegaConf.register_new_resolver("attempt_subdir", _attempt_resolver)
 if not OmegaConf.has_resolver("launch_dir"):
     OmegaConf.register_new_resolver("launch_dir", _launch_dir)
+if not OmegaConf.has_resolver("job_subdir"):
+    OmegaConf.register_new_resolver("job_subdir", job_subdir)
 
 
 def attempt_subdir(run_dir: Path, subdir: str = ".hydra") -> str:

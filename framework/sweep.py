@@ -24,6 +24,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError
+from framework.rundir import OFFSET_VARIABLE
+from framework.study import is_optuna, prepare_study
 
 __all__ = [
     "SWEEP_FILE",
@@ -75,8 +77,13 @@ class SweepSummary(HydraCallback):
         ran = self._job_start is not None and not _finished_before(out, self._job_start)
         if ran and self._job_start is not None:
             self._durations.append(time.time() - self._job_start)
-        log.info(progress_line(int(config.hydra.job.num), status == "COMPLETED", rows,
-                               _total_jobs(sweep_dir), self._durations))
+        if is_optuna(config):  # trials are numbered on from earlier invocations: count them
+            num = sum(r["status"] == "ok" or "no results.json" not in r.get("error", "")
+                      for r in rows) - 1
+        else:
+            num = int(config.hydra.job.num)
+        log.info(progress_line(num, status == "COMPLETED", rows, _total_jobs(sweep_dir),
+                               self._durations))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Check a resumed sweep (exit 1 when it cannot be resumed), record its parameters;
@@ -84,13 +91,17 @@ class SweepSummary(HydraCallback):
         self._printed = False
         sweep_dir = Path(config.hydra.sweep.dir)
         record = sweep_record(config)
-        if config.get("resume_sweep"):
-            try:
+        resume = bool(config.get("resume_sweep"))
+        try:
+            if resume:
                 done = check_resumable(sweep_dir, record)
-            except ConfigError as err:  # Hydra turns callback exceptions into warnings
-                sys.stderr.write(f"{err}\n")
-                raise SystemExit(1) from None
-            log.info("Resuming the sweep in %s: %d finished jobs are kept", sweep_dir, done)
+                log.info("Resuming the sweep in %s: %d finished jobs are kept", sweep_dir, done)
+            os.environ[OFFSET_VARIABLE] = "0"
+            if is_optuna(config):
+                prepare_study(config, resume)
+        except ConfigError as err:  # Hydra turns callback exceptions into warnings
+            sys.stderr.write(f"{err}\n")
+            raise SystemExit(1) from None
         sweep_dir.mkdir(parents=True, exist_ok=True)
         tmp = sweep_dir / f".{SWEEP_FILE}.tmp"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
