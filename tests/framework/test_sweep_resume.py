@@ -138,3 +138,33 @@ def test_killed_sweep_resumes_without_retraining(tmp_path: Path) -> None:
     assert resumed.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), key
+
+
+@pytest.mark.slow
+def test_optuna_study_continues(tmp_path: Path) -> None:
+    """A resumed Optuna search continues its sqlite study: a trial left running is marked
+    failed and re-run with its parameters, n_trials is the total, trial folders are numbered
+    by trial so earlier ones are untouched. Catches: a fresh study per call, overwritten
+    job folders, n_trials counted per call."""
+    import optuna
+
+    args = [*TINY, "hparams_search=optuna", f"hydra.sweep.dir={tmp_path}"]
+    first = run_main([*args, "hydra.sweeper.n_trials=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {i: (tmp_path / str(i) / "results.json").read_bytes() for i in (0, 1)}
+    study = optuna.load_study(study_name="convnn", storage=f"sqlite:///{tmp_path}/optuna.db")
+    killed = study.ask()  # what a killed process leaves behind: a trial that stays RUNNING
+    lr = killed.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
+
+    second = run_main([*args, "hydra.sweeper.n_trials=3", "resume_sweep=true"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = optuna.load_study(study_name="convnn",
+                               storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].user_attrs["interrupted"] and trials[3].params["optimizer.lr"] == lr
+    for i, data in before.items():
+        assert (tmp_path / str(i) / "results.json").read_bytes() == data
+    assert (tmp_path / "3" / "results.json").is_file() and not (tmp_path / "2").exists()
+    overrides = (tmp_path / "3" / ".hydra" / "overrides.yaml").read_text()
+    assert f"optimizer.lr={lr}" in overrides
