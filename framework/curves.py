@@ -45,10 +45,13 @@ def _best_epoch(cols: dict[str, list[float]]) -> float | None:
     return None if best is None else best[0]
 
 
-def plot_curves(metrics_csv: Path, out: Path, resumed_at: Sequence[int] = ()) -> Path | None:
+def plot_curves(
+    metrics_csv: Path, out: Path, resumed_at: Sequence[int] = (), title: str = ""
+) -> Path | None:
     """Draw ``out`` from ``metrics_csv``: train/val loss, train/val top-1 and the learning rate
     against epoch; the best validation epoch as a green line, resumes as grey dashed lines
-    (``resumed_at``: how many epochs were done when each resumed attempt began).
+    (``resumed_at``: how many epochs were done when each resumed attempt began); ``title`` names
+    the run.
     Returns ``out``, or None when the file has no epoch yet."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -67,11 +70,11 @@ def plot_curves(metrics_csv: Path, out: Path, resumed_at: Sequence[int] = ()) ->
         (axes[2], "learning rate", [(k, k) for k in cols if k == "lr" or k.startswith("lr")],
          1.0),
     ]
-    for ax, title, series, scale in panels:
+    for ax, name, series, scale in panels:
         for key, label in series:
             if key in cols and not all(math.isnan(v) for v in cols[key]):
                 ax.plot(epochs, [v * scale for v in cols[key]], marker=marker, ms=3, label=label)
-        ax.set_title(title)
+        ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
@@ -84,10 +87,13 @@ def plot_curves(metrics_csv: Path, out: Path, resumed_at: Sequence[int] = ()) ->
             # between the last row of the earlier attempt and the first of the resumed one
             x = (epochs[done - 1] + epochs[done]) / 2 if done < len(epochs) else epochs[-1] + 0.5
             ax.axvline(x, color="grey", ls="--", lw=1, label="resumed" if i == 0 else None)
+    summary = f"{len(epochs)} epochs"
     if best is not None:
         acc = dict(zip(epochs, cols["val/acc1"]))[best] * 100
         axes[1].annotate(f"{acc:.2f}", (best, acc), textcoords="offset points", xytext=(4, -12),
                          fontsize=8, color="tab:green")
+        summary += f", best val top-1 {acc:.2f} % at epoch {best:g}"
+    fig.suptitle(f"{title} ({summary})" if title else summary, fontsize=10)
     for ax in axes[:2]:
         if ax.lines:
             ax.legend(fontsize=8)
@@ -105,9 +111,10 @@ class TrainingCurves(Callback):
     after the callback that writes metrics.csv). Where each resumed attempt began is kept in
     the checkpoint, so a resumed run's picture marks every attempt."""
 
-    def __init__(self, metrics_csv: Path, out: Path) -> None:
+    def __init__(self, metrics_csv: Path, out: Path, title: str = "") -> None:
         self.metrics_csv = Path(metrics_csv)
         self.out = Path(out)
+        self.title = title
         self.resumed_at: list[int] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -128,7 +135,7 @@ class TrainingCurves(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Redraw the picture (metrics.csv has this epoch's row by now)."""
         if trainer.is_global_zero and not trainer.fast_dev_run and self.metrics_csv.is_file():
-            plot_curves(self.metrics_csv, self.out, self.resumed_at)
+            plot_curves(self.metrics_csv, self.out, self.resumed_at, self.title)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Send the final picture to the image-capable loggers."""

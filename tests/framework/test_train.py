@@ -142,6 +142,9 @@ def test_multirun_summary_survives_a_failing_job(tmp_path: Path) -> None:
     assert [r["optimizer.lr"] for r in ok] == ["0.01"]
     assert all(0 <= float(r["test/acc1"]) <= 1 for r in ok)
     assert all("optimizer.lr=-1" in r["error"] for r in rows if r["status"] == "failed")
+    report = (sweep / "report.md").read_text()  # written although Hydra skipped multirun_end
+    assert "## Failed runs (1)" in report and "optimizer.lr=-1" in report
+    assert "job 2/2 done" in proc.stdout + proc.stderr
 
 
 def test_multirun_without_sweep_dir_from_another_directory(tmp_path: Path) -> None:
