@@ -9,7 +9,9 @@ import csv
 import logging
 import math
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressB
 from omegaconf import DictConfig
 
 from framework.console import running_metrics
+from framework.curves import TrainingCurves
 from framework.ema import EMA
 from framework.loggers import KeepLoggedSteps
 from framework.resume import RunConfig, TrainClock, run_config
@@ -31,8 +34,10 @@ __all__ = [
     "PlainProgressBar",
     "RNGStateCallback",
     "RunIds",
+    "StepTimer",
     "auto_progress_bar",
     "build_callbacks",
+    "step_time",
 ]
 
 log = logging.getLogger(__name__)
@@ -211,11 +216,52 @@ def _ema_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     ]
 
 
+class StepTimer(Callback):
+    """Times training steps: the interval between consecutive batch ends within an epoch (data
+    loading included, epoch boundaries and validation excluded); ``results.json`` reports the
+    median of this attempt as ``step_time_s``."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The first batch of an epoch has no predecessor to time from."""
+        self._last = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Record the time since the previous batch ended."""
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+    def median(self) -> float | None:
+        """The median step time in seconds (None before two steps of one epoch)."""
+        return statistics.median(self.times) if self.times else None
+
+
+def step_time(trainer: pl.Trainer) -> float | None:
+    """The median training step time of this attempt (seconds, rounded to 0.1 ms)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, StepTimer) and cb.median() is not None:
+            return round(cb.median(), 4)
+    return None
+
+
 def build_callbacks(
-    cfg: DictConfig, run_dir: Path, ids: dict[str, str], has_logger: bool
+    cfg: DictConfig, run_dir: Path, ids: dict[str, str], has_logger: bool, title: str = ""
 ) -> list[pl.Callback]:
-    """All callbacks of a run, in hook order: the configured ones, then metrics.csv, RNG, run
-    ids, train clock, run config, CSV-log trimming, and last the EMA.
+    """All callbacks of a run, in hook order: the configured ones, then metrics.csv and its
+    picture (``title`` names the run there), step times, RNG, run ids, train clock, run config,
+    CSV-log trimming, and last the EMA.
 
     Without a logger the lr monitor is dropped (metrics.csv still records the lr)."""
     callbacks: list[pl.Callback] = []
@@ -226,6 +272,12 @@ def build_callbacks(
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
         callbacks.append(callback)
-    callbacks += [EpochMetricsCSV(run_dir / "metrics.csv"), RNGStateCallback(), RunIds(ids)]
+    callbacks += [
+        EpochMetricsCSV(run_dir / "metrics.csv"),
+        TrainingCurves(run_dir / "metrics.csv", run_dir / "curves.png", title),  # after the CSV
+        StepTimer(),
+        RNGStateCallback(),
+        RunIds(ids),
+    ]
     callbacks += [TrainClock(), RunConfig(run_config(cfg)), KeepLoggedSteps()]
     return callbacks + _ema_callbacks(cfg)

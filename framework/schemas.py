@@ -292,6 +292,7 @@ class RootConf:
     criterion: str = "cross_entropy"
     label_smoothing: float = 0.0
     deterministic: bool = False
+    resume_sweep: bool = False  # continue a killed multirun in its hydra.sweep.dir
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

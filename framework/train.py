@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.analysis import maybe_analyse
 from framework.build import build_module
-from framework.callbacks import RunIds, build_callbacks
+from framework.callbacks import RunIds, build_callbacks, step_time
 from framework.checks import validate
 from framework.faults import trainer_kwargs
 from framework.inspect import describe_model, load_weights
@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ids = _checkpoint_ids(ckpt_path)
     loggers = build_loggers(cfg, run_dir, ids)
-    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
+    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers), title=run_name(cfg))
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
     )
@@ -171,6 +171,7 @@ def _results(
         "epochs": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),
         "train_time_s": round(train_time, 3),
+        "step_time_s": step_time(trainer),
         "tested_checkpoint": best,
         "run_dir": str(run_dir),
         **counts,
