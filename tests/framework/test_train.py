@@ -45,6 +45,8 @@ def test_digits_run_writes_every_output(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert {"train/loss", "val/acc1", "lr"} <= set(rows[0])
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < results["step_time_s"] < results["train_time_s"]
 
 
 def test_fast_dev_run_cli_writes_results(tmp_path: Path) -> None:
@@ -75,6 +77,11 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert diff <= 1e-6
     rows = list(csv.DictReader((part / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1"]
+    states = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu",
+                        weights_only=True)["callbacks"]
+    curves = [v for k, v in states.items() if k.startswith("TrainingCurves")]
+    assert curves == [{"resumed_at": [1]}]  # curves.png marks where the second attempt began
+    assert (part / "curves.png").is_file()
 
 
 def test_init_from_partial_load_and_test_only(tmp_path: Path) -> None:
