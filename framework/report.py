@@ -423,28 +423,30 @@ def _short(label: str, width: int = 60) -> str:
 
 
 def plot_accuracy(report: Report, path: Path) -> None:
-    """``report_acc.png``: mean test top-1 per group (bar, ± std), every run as a dot, the
-    published number as a mark; one row per group, best on top."""
+    """``report_acc.png``: mean test top-1 per group (diamond, ± std; no bars, since the axis
+    does not start at 0), every run as a dot, the published number as a mark; best on top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = [g for g in report.groups if g.values("test/acc1")][::-1]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * max(len(groups), 1)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.38 * max(len(groups), 1)), layout="constrained")
     for y, g in enumerate(groups):
         v = [x * 100 for x in g.values("test/acc1")]
         mean = statistics.fmean(v)
         std = statistics.stdev(v) if len(v) > 1 else 0.0
-        ax.barh(y, mean, color="#c6dbef", edgecolor="#3182bd", height=0.6)
-        ax.errorbar(mean, y, xerr=std, color="#08306b", capsize=4, lw=1.2, zorder=4)
-        ax.scatter(v, [y] * len(v), s=14, color="#08306b", alpha=0.6, zorder=3, lw=0,
+        ax.axhline(y, color="#eeeeee", lw=0.8, zorder=0)
+        ax.errorbar(mean, y, xerr=std, fmt="D", ms=7, color="#3182bd", ecolor="#08306b",
+                    capsize=4, lw=1.2, zorder=4, label="mean ± std" if y == 0 else None)
+        ax.scatter(v, [y] * len(v), s=16, color="#e6550d", alpha=0.8, zorder=5, lw=0,
                    label="one run (seed)" if y == 0 else None)
         if g.published is not None and g.published.metric == "test/acc1":
             ax.plot([g.published.top1] * 2, [y - 0.35, y + 0.35], color="#d62728", lw=2,
                     label="published" if not any(
                         h.get_label() == "published" for h in ax.lines) else None)
     ax.set_yticks(range(len(groups)), [_short(g.label) + f"  (n={len(g.runs)})" for g in groups])
+    ax.set_ylim(-0.7, max(len(groups), 1) - 0.3)
     ax.set_xlabel("test top-1 % (mean ± std; dots: runs)")
     marks = [x * 100 for g in groups for x in g.values("test/acc1")]
     marks += [g.published.top1 for g in groups if g.published is not None]
