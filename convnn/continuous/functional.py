@@ -9,6 +9,7 @@ noted (see docs/behaviour.md).
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ def crop_sizes(size: int, mean: Tensor, width: Tensor, threshold: float) -> tupl
     if size < 2:
         return (size, size)
     with torch.no_grad():
-        step = float(torch.tensor(2.0 / (size - 1), dtype=torch.float32))  # CCNN's float32 step
+        step = struct.unpack("f", struct.pack("f", 2.0 / (size - 1)))[0]  # CCNN's float32 step
         spread = width * math.sqrt(-2.0 * math.log(threshold))
         root = torch.maximum((mean - spread).abs(), (mean + spread).abs())
         index = torch.ceil(root / step + 1e-8)
