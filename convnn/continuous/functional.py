@@ -109,7 +109,13 @@ def conv2d_spatial(
     """
     weight, groups = _depthwise(kernel, separable)
     kh, kw = weight.shape[-2:]
-    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=groups)
+    if separable and x.device.type == "cpu":
+        # oneDNN's depthwise backward is many times faster in channels-last on CPU.
+        fmt = torch.channels_last
+        x, weight = x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+        out = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=groups)
+        return out.contiguous()
+    return F.conv2d(x, weight.contiguous(), bias, padding=(kh // 2, kw // 2), groups=groups)
 
 
 def conv2d_fft(x: Tensor, kernel: Tensor, bias: Tensor | None, separable: bool = False) -> Tensor:
