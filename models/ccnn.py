@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["CCNN", "DROPOUT_TYPES", "CCNNBlock"]
 
@@ -60,6 +61,7 @@ class CCNNBlock(nn.Module):
         return out if self.prenorm else self.norm1(out)
 
 
+@register_backbone
 class CCNN(nn.Module):
     """CCNN's ``ResNet_image`` with S4 blocks (CCNN-``no_blocks``,``no_hidden``).
 
