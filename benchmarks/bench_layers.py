@@ -64,13 +64,17 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT_MARK = "BENCH_RESULT_JSON "
 MIB = 1024**2
 GIB = 1024**3
-LAYER_KINDS = ("conv2d", "straightforward", "convnn", "attention")
+LAYER_KINDS = ("conv2d", "straightforward", "convnn", "attention", "ckconv", "flexconv")
+#: Kinds without a neighbour search: one case per shape, no sampling types.
+PLAIN_KINDS = ("conv2d", "straightforward", "ckconv", "flexconv")
 SAMPLINGS = ("all", "random", "spatial")
 KIND_LABEL = {
     "conv2d": "nn.Conv2d 3×3",
     "straightforward": "straightforward (dense)",
     "convnn": "Conv2dNN",
     "attention": "Conv2dNNAttention",
+    "ckconv": "CKConv2d separable 33×33 (CCNN)",
+    "flexconv": "FlexConv2d separable 33×33, cropped (CCNN)",
 }
 
 
@@ -94,7 +98,7 @@ class Case:
     def name(self) -> str:
         """Human-readable case name (layer + sampling)."""
         label = KIND_LABEL[self.kind]
-        if self.kind == "conv2d":
+        if self.kind in ("conv2d", "ckconv", "flexconv"):
             return label
         if self.kind == "straightforward":
             return f"{label}, all"
@@ -104,7 +108,7 @@ class Case:
     @property
     def shape(self) -> str:
         """Shape string, e.g. ``B32 C64→64 32×32 K9``."""
-        k = "" if self.kind == "conv2d" else f" K{self.K}"
+        k = "" if self.kind in ("conv2d", "ckconv", "flexconv") else f" K{self.K}"
         return (
             f"B{self.batch} C{self.channels}→{self.out_channels} "
             f"{self.height}×{self.width}{k}"
@@ -203,6 +207,9 @@ def build_module(case: Case) -> nn.Module:
         return make_straightforward(case.channels, case.out_channels, case.K)
     import convnn
 
+    if case.kind in ("ckconv", "flexconv"):  # CCNN's image setting (CCNN-4,140's kernel flags)
+        cont = convnn.CKConv2d if case.kind == "ckconv" else convnn.FlexConv2d
+        return cont(case.channels, case.out_channels, kernel_size=33, separable=True)
     cls = convnn.Conv2dNN if case.kind == "convnn" else convnn.Conv2dNNAttention
     return cls(
         case.channels,
@@ -568,7 +575,7 @@ def build_cases(args: argparse.Namespace, mem_total: float) -> list[Case]:
         common = {"channels": args.channels, "out_channels": args.channels,
                   "height": size, "width": size, "K": args.K}
         for kind in args.layers:
-            if kind in ("conv2d", "straightforward"):
+            if kind in PLAIN_KINDS:
                 cases.append(Case(kind=kind, batch=batch, **common))
                 full = Case(kind=kind, batch=args.batch, **common)
                 if kind == "straightforward" and batch != args.batch and \

@@ -10,6 +10,7 @@ from convnn.attention import (
 )
 from convnn.branching import Branching, BranchingMixer
 from convnn.checkpoints import from_convnn_attention_state_dict
+from convnn.continuous import CKConv2d, FlexConv2d, from_ccnn_state_dict
 from convnn.layers import (
     AGGREGATION_TYPES,
     SHUFFLE_PATTERNS,
@@ -54,6 +55,7 @@ __all__ = [
     "Attention2d",
     "Branching",
     "BranchingMixer",
+    "CKConv2d",
     "CandidateSampler",
     "Conv1dMixer",
     "Conv1dNN",
@@ -68,6 +70,7 @@ __all__ = [
     "Conv2d_NN_Attn",
     "ConvNNAttention",
     "ConvNNBase",
+    "FlexConv2d",
     "KNNAttention",
     "LayerSpec",
     "LocalAttention",
@@ -79,6 +82,7 @@ __all__ = [
     "TokenMap",
     "__version__",
     "constructor_keywords",
+    "from_ccnn_state_dict",
     "from_convnn_attention_state_dict",
     "functional",
     "layer_options",

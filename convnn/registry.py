@@ -17,6 +17,7 @@ from torch import nn
 
 from convnn.attention import Conv1dNNAttention, Conv2dNNAttention, ConvNNAttention
 from convnn.branching import Branching, BranchingMixer
+from convnn.continuous import CKConv2d, FlexConv2d
 from convnn.layers import Conv1dNN, Conv2dNN
 from convnn.mixers import (
     Attention2d,
@@ -146,6 +147,8 @@ LAYERS: Mapping[str, LayerSpec] = {
         token_branches=(ConvNNAttention, MultiHeadAttention),
     ),
     "attention": LayerSpec(conv2d=Attention2d, tokens=MultiHeadAttention),
+    "ckconv": LayerSpec(conv2d=CKConv2d, tokens=None),
+    "flexconv": LayerSpec(conv2d=FlexConv2d, tokens=None),
     "kvt": LayerSpec(conv2d=None, tokens=KNNAttention),
     "local_attention": LayerSpec(conv2d=None, tokens=LocalAttention),
     "sparse_attention": LayerSpec(conv2d=None, tokens=SparseAttention),

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 SCHEDULER_META = ("interval", "monitor")
+OPTIMIZER_META = ("mask_lr_ratio",)  # read by the module's parameter groups, not the class
 _CONVNN_DIR = str(Path(__file__).resolve().parents[1] / "convnn")
 
 
@@ -130,14 +131,17 @@ def build_module(cfg: DictConfig, net: nn.Module, num_classes: int) -> ImageClas
         resolved = OmegaConf.to_container(sched_cfg, resolve=True)
         assert isinstance(resolved, dict)
         scheduler = instantiate({k: v for k, v in resolved.items() if k not in SCHEDULER_META})
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    assert isinstance(optimizer, dict)
     return ImageClassifier(
         net=net,
         num_classes=num_classes,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=instantiate({k: v for k, v in optimizer.items() if k not in OPTIMIZER_META}),
         scheduler=scheduler,
         scheduler_interval=sched_cfg.get("interval", "epoch"),
         scheduler_monitor=sched_cfg.get("monitor"),
         criterion=cfg.criterion,
         label_smoothing=cfg.label_smoothing,
         compile=cfg.compile,
+        mask_lr_ratio=float(optimizer.get("mask_lr_ratio", 1.0)),
     )

@@ -165,6 +165,8 @@ def _check_optimizer(o: Any) -> None:
     if not _is_number(o.lr) or o.lr <= 0:
         raise _fail("optimizer.lr", o.lr, "must be a positive number")
     _number(o, "weight_decay", p, 0.0, math.inf)
+    if "mask_lr_ratio" in o:
+        _number(o, "mask_lr_ratio", p, 0.0, math.inf, low_open=True, high_open=True)
     if "betas" in o:
         betas = list(o.betas)
         if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):

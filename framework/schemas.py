@@ -204,6 +204,7 @@ class OptimizerConf:
     _convert_: str = "all"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    mask_lr_ratio: float = 1.0  # FlexConv masks' lr ÷ lr (CCNN's optimizer.mask_lr_ratio)
 
 
 @dataclass

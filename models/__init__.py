@@ -5,7 +5,7 @@ Importing ``models`` registers every backbone: a new one is a module here with a
 LightningModule lives in :mod:`models.module` and is imported only where it is used.
 """
 
-from models import convnext, resnet, simple, vgg, vit  # noqa: F401  (registers the backbones)
+from models import ccnn, convnext, resnet, simple, vgg, vit  # noqa: F401  (registers the backbones)
 from models.registry import (
     BACKBONES,
     Backbone,

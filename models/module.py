@@ -27,11 +27,20 @@ LOGGED_METRICS: tuple[str, ...] = (
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: weight decay on weights, none on biases and normalisation layers."""
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, mask_lr_ratio: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay on weights, none on biases and normalisation layers, and
+    the continuous layers' mask parameters (``mask_parameters()``) at ``lr · mask_lr_ratio``."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
+    mask: list[nn.Parameter] = []
+    for module in model.modules():
+        for p in getattr(module, "mask_parameters", list)():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                mask.append(p)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -44,6 +53,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if mask:
+        group: dict[str, Any] = {"params": mask, "weight_decay": 0.0}
+        if mask_lr_ratio != 1.0:
+            if lr is None:
+                raise ValueError(f"mask_lr_ratio={mask_lr_ratio} needs the optimizer's lr")
+            group["lr"] = lr * mask_lr_ratio
+        groups.append(group)
     return groups
 
 
@@ -61,6 +77,8 @@ class ImageClassifier(pl.LightningModule):
         criterion: ``cross_entropy`` or ``mse`` (on one-hot targets).
         label_smoothing: label smoothing of the cross-entropy.
         compile: compile the backbone with ``torch.compile`` (state-dict keys unchanged).
+        mask_lr_ratio: learning rate of the continuous layers' Gaussian masks relative to the
+            optimizer's (CCNN's ``optimizer.mask_lr_ratio``).
     """
 
     def __init__(
@@ -74,6 +92,7 @@ class ImageClassifier(pl.LightningModule):
         criterion: str = "cross_entropy",
         label_smoothing: float = 0.0,
         compile: bool = False,
+        mask_lr_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         if criterion not in CRITERIA:
@@ -89,6 +108,7 @@ class ImageClassifier(pl.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.criterion = criterion
         self.label_smoothing = float(label_smoothing)
+        self.mask_lr_ratio = float(mask_lr_ratio)
         top5 = min(5, self.num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_loss", MeanMetric())
@@ -162,10 +182,11 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """Optimizer over decay/no-decay groups, plus the scheduler if configured."""
-        weight_decay = float(
-            getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        )
-        optimizer = self.optimizer_factory(params=param_groups(self.net, weight_decay))
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        weight_decay = float(keywords.get("weight_decay", 0.0))
+        lr = keywords.get("lr")
+        groups = param_groups(self.net, weight_decay, lr, self.mask_lr_ratio)
+        optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return optimizer
         kwargs = _schedule_lengths(self.scheduler_factory, self.trainer)

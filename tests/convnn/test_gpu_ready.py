@@ -11,12 +11,14 @@ from torch import nn
 import convnn.functional as cf
 from convnn import (
     Branching,
+    CKConv2d,
     Conv1dNN,
     Conv1dNNAttention,
     Conv1dNNMixer,
     Conv2dNN,
     Conv2dNNAttention,
     ConvNNAttention,
+    FlexConv2d,
     KNNAttention,
 )
 from convnn.functional import attend_neighbors, knn_search, selected_scores
@@ -430,3 +432,33 @@ def test_ties_spanning_many_chunks_match_a_stable_sort(include_self: bool) -> No
         if include_self:
             ref = torch.cat([torch.arange(150).view(1, 150, 1).expand(2, 150, 1), ref], dim=-1)
         assert torch.equal(got, ref), K
+
+
+# ------------------------------------------------------------------ continuous kernels (CCNN)
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (CKConv2d, {}),
+        (CKConv2d, {"use_fft": True}),
+        (FlexConv2d, {"mask_dynamic_cropping": False, "mask_learn_mean": True}),
+    ],
+)
+def test_continuous_layers_have_no_host_sync(cls: type, kwargs: dict) -> None:
+    # Catches: reading the kernel-grid size or the Chang-initialised flag back from the device.
+    module = cls(4, 4, 7, kernel_no_hidden=8, separable=True, **kwargs)
+    x = torch.randn(2, 4, 6, 6)
+    module(x)  # first forward: the grid size and Chang initialisation are decided once
+    counts = _profile_step(module, x)
+    assert {k: v for k, v in counts.items() if k in SYNC_EVENTS} == {}
+
+
+def test_dynamic_cropping_is_the_one_host_read() -> None:
+    # The documented exception: a crop size is a shape, read once per forward for both axes.
+    module = FlexConv2d(4, 4, 7, kernel_no_hidden=8, separable=True)
+    x = torch.randn(2, 4, 6, 6)
+    module(x)
+    counts = _profile_step(module, x)
+    assert {k: v for k, v in counts.items() if k in SYNC_EVENTS} == {
+        "aten::item": 1,
+        "aten::_local_scalar_dense": 1,
+    }

@@ -126,6 +126,14 @@ CASES: dict[str, tuple[list[str], str]] = {
                            "layer.branch_ratio=0.01"),
     "kernel_even": (["layer=conv", "layer.kernel_size=4"], "layer.kernel_size=4"),
     "incompatible": (["layer=kvt"], "layers that fit are"),
+    "ccnn_same_on_even_map": (["layer=flexconv", "layer.kernel_size=same"],
+                              "layer.kernel_size='same' takes the map width 8"),
+    "ccnn_kernel_even": (["layer=ckconv", "layer.kernel_size=4"], "layer.kernel_size=4"),
+    "ccnn_mask_threshold": (["layer=flexconv", "layer.mask_threshold=1.5"],
+                            "layer.mask_threshold=1.5"),
+    "ccnn_kernel_layers": (["layer=ckconv", "layer.kernel_no_layers=0"],
+                           "layer.kernel_no_layers=0"),
+    "mask_lr_ratio_zero": (["optimizer.mask_lr_ratio=0"], "optimizer.mask_lr_ratio=0"),
     "k_too_large_at_stage": (
         ["net=vgg11", "layer=convnn", "layer.padding=0", *FAKE], "layer.K=9 is too large"
     ),
@@ -142,6 +150,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "simple_layers": (["net.num_layers=9"], "net.num_layers=9"),
     "simple_dropout": (["net.dropout=1.5"], "net.dropout=1.5"),
     "simple_width_zero": (["net.channels=[0,8]", "net.num_layers=2"], "net.channels"),
+    "ccnn_downsampling": (["net=ccnn", "net.downsampling=[7]"], "net.downsampling=[7]"),
     "convnext_norm": (["net=convnext_mini", "net.layer_norm=x", *FAKE], "net.layer_norm='x'"),
     "window_zero": (["net=vit_tiny", "layer=local_attention", "layer.window_size=0", *FAKE],
                     "layer.window_size=0"),

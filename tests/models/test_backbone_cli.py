@@ -90,3 +90,20 @@ def test_incompatible_pair_fails_cleanly(tmp_path: Path) -> None:
     assert "layer=kvt" in err and "'branching'" in err
     assert "Traceback" not in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_sweep_cnns_with_the_continuous_kernel_layers(tmp_path: Path) -> None:
+    # CCNN's layers in every CNN family at CIFAR size (the default kernel_size=33 fits 32×32).
+    proc = _main(
+        "-m",
+        "net=simple,vgg11,resnet18,ccnn",
+        "layer=ckconv,flexconv",
+        *FAST,
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit()]
+    assert len(jobs) == 8
+    assert not [j.name for j in jobs if not (j / "results.json").is_file()]

@@ -32,6 +32,7 @@ TINY: dict[str, tuple[int, dict[str, Any]]] = {
     "vit_small": (16, {"depth": 1}),
     "vit_base": (16, {"depth": 1}),
     "convnext_mini": (16, {"channels": [8, 16], "depths": [1, 1]}),
+    "ccnn": (16, {"no_hidden": 8, "no_blocks": 2, "downsampling": [0]}),
 }
 NETS = sorted(TINY)
 
@@ -46,8 +47,19 @@ LAYER_OPTIONS: dict[str, dict[str, Any]] = {
     "kvt": {"K": 4},
     "local_attention": {"window_size": 4},
     "sparse_attention": {"stride": 3},
+    "ckconv": {"kernel_size": 5, "kernel_no_hidden": 8, "separable": True},
+    "flexconv": {"kernel_size": 5, "kernel_no_hidden": 8, "mask_init_value": 0.5},
 }
-FITS_2D = ["attention", "branching", "branching_attn", "conv", "convnn", "convnn_attn"]
+FITS_2D = [
+    "attention",
+    "branching",
+    "branching_attn",
+    "ckconv",
+    "conv",
+    "convnn",
+    "convnn_attn",
+    "flexconv",
+]
 FITS_TOKENS = [
     "attention",
     "branching",
@@ -90,7 +102,7 @@ def test_every_net_config_is_partial_and_declares_a_role() -> None:
 def _pairs(compatible: bool) -> list[Any]:
     out = []
     for net in NETS:
-        fits = FITS_2D if net.startswith(("vgg", "resnet", "convnext")) else FITS_TOKENS
+        fits = FITS_2D if net.startswith(("vgg", "resnet", "convnext", "ccnn")) else FITS_TOKENS
         for layer in LAYER_NAMES:
             if (layer in fits) != compatible:
                 continue
