@@ -1,10 +1,21 @@
-"""Checkpoint files: writing them so that a failed write stops the run and never leaves a partial
-file (:class:`SafeCheckpointIO`, the project's Lightning ``CheckpointIO``)."""
+"""Checkpoint files, read and written in one place.
+
+Reading: :func:`read_checkpoint` reads a file once, with ``weights_only=True`` — a file holding
+Python objects that would run code on loading is refused unless ``trust_checkpoint=true`` — and
+unreadable, truncated and foreign files share one error. :func:`read_weights_source` also reads
+exported networks (``model.safetensors`` or its folder). Writing: :class:`SafeCheckpointIO`, the
+project's Lightning ``CheckpointIO``, writes atomically and stops the run when a write fails; it
+hands Lightning the checkpoint read at start-up instead of reading the file a second time."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +23,166 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from datamodules.errors import UserError
+from framework.errors import ConfigError
+from models.pretrained import WEIGHTS_FILE, read_weights
 
-__all__ = ["CheckpointWriteError", "SafeCheckpointIO"]
+__all__ = [
+    "TRUST_KEY",
+    "CheckpointWriteError",
+    "LoadedCheckpoint",
+    "SafeCheckpointIO",
+    "read_checkpoint",
+    "read_weights_source",
+    "unreadable",
+]
+
+log = logging.getLogger(__name__)
+TRUST_KEY = "trust_checkpoint"
+NET_PREFIX = "net."  # the backbone's keys inside the LightningModule's state dict
 
 
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written; the run stops (exit 1, no traceback)."""
 
 
+# ------------------------------------------------------------------------------------- reading
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read once: its path, the config key that named it, and its contents (a
+    Lightning checkpoint dict; ``{"state_dict": ...}`` for an exported network)."""
+
+    path: str
+    key: str
+    data: dict[str, Any]
+
+    @property
+    def state_dict(self) -> Any:
+        """The LightningModule's tensors (backbone keys prefixed ``net.``)."""
+        return self.data.get("state_dict", self.data)
+
+
+def _label(key: str, path: str) -> str:
+    return f"{key}={path}" if key else f"the checkpoint {path}"
+
+
+def _others(path: str) -> str:
+    here = Path(path)
+    others = sorted(p.name for p in here.parent.glob("*.ckpt") if p.name != here.name)
+    if others:
+        return f"Other checkpoints there: {', '.join(others)}."
+    return "No other checkpoint is there."
+
+
+def unreadable(key: str, path: str, reason: str) -> ConfigError:
+    """The one error for a file that is not a readable checkpoint (truncated, corrupt, foreign)."""
+    return ConfigError(
+        f"Invalid configuration: {_label(key, path)} cannot be read as a checkpoint ({reason}); "
+        f"it is truncated or corrupt (an interrupted copy or write), or not a checkpoint. "
+        f"{_others(path)} Give another checkpoint, or drop {key or 'it'}."
+    )
+
+
+def _refusal(err: Exception) -> tuple[bool, str]:
+    """Whether torch's weights-only unpickler refused a Python object (an import of a function
+    or class: code would run), and the line of its message that says what."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return True, line.rstrip(".")
+    for line in lines:
+        if "Unsupported" in line:
+            return False, line.rstrip(".")
+    return False, lines[0] if lines else type(err).__name__
+
+
+def read_checkpoint(path: str | Path, key: str, *, trust: bool = False) -> LoadedCheckpoint:
+    """Read checkpoint ``path`` (named by config key ``key``) with ``weights_only=True`` unless
+    ``trust``; a file that needs arbitrary unpickling is refused before any of it runs.
+
+    Every failure is a :class:`ConfigError` (exit 1, one paragraph, nothing written)."""
+    path = str(path)
+    if trust:
+        log.warning(
+            "%s=true: reading %s with full unpickling; a malicious file runs code now",
+            TRUST_KEY,
+            path,
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols of foreign files
+            data = torch.load(
+                path, map_location="cpu", weights_only=not trust, mmap=zipfile.is_zipfile(path)
+            )
+    except pickle.UnpicklingError as err:
+        unsafe, reason = _refusal(err)
+        if trust or not unsafe:
+            raise unreadable(key, path, f"UnpicklingError: {reason}") from None
+        raise ConfigError(
+            f"Invalid configuration: {_label(key, path)} contains Python objects that would run "
+            f"code on loading ({reason}), so it was not loaded. Checkpoints written "
+            f"by this framework never need that. If you trust the file and its author, set "
+            f"{TRUST_KEY}=true to load it with full unpickling."
+        ) from None
+    except Exception as err:  # torch raises many types for damaged or foreign files
+        text = str(err).splitlines()[0] if str(err) else "empty or cut short"
+        raise unreadable(key, path, f"{type(err).__name__}: {text}") from None
+    if not isinstance(data, dict):
+        raise unreadable(key, path, f"it holds a {type(data).__name__}, not a dictionary")
+    return LoadedCheckpoint(path, key, data)
+
+
+def read_weights_source(path: str | Path, key: str, *, trust: bool = False) -> LoadedCheckpoint:
+    """Weights for ``init_from``: a checkpoint file, an exported network's folder, or its
+    ``model.safetensors`` (backbone keys, returned ``net.``-prefixed like a checkpoint's)."""
+    source = Path(path)
+    weights = source / WEIGHTS_FILE if source.is_dir() else source
+    if source.is_dir() and not weights.is_file():
+        raise ConfigError(
+            f"Invalid configuration: {key}={path} is a directory without {WEIGHTS_FILE}; give "
+            "an exported network's directory (python -m framework.export) or a checkpoint file."
+        )
+    if weights.suffix != ".safetensors":
+        return read_checkpoint(weights, key, trust=trust)
+    try:
+        tensors = read_weights(weights)
+    except ValueError as err:
+        raise unreadable(key, str(weights), str(err).split(" (", 1)[-1].rstrip(")")) from None
+    state = {f"{NET_PREFIX}{k}": v for k, v in tensors.items()}
+    return LoadedCheckpoint(str(path), key, {"state_dict": state})
+
+
+# ------------------------------------------------------------------------------------- writing
+def _same_file(a: Any, b: Any) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Writes checkpoints as temp file + fsync + ``os.replace`` and raises on any write error
     (disk full, permission denied, a path in the way) instead of carrying on: a run that cannot
-    save checkpoints must not keep training. A failed write never leaves a partial file."""
+    save checkpoints must not keep training. A failed write never leaves a partial file.
+
+    Reads go through :func:`read_checkpoint` (``weights_only=True`` unless ``trust``); the
+    checkpoint already read at start-up (``preloaded``) is handed over once instead of being
+    read again."""
+
+    def __init__(self, trust: bool = False, preloaded: LoadedCheckpoint | None = None) -> None:
+        super().__init__()
+        self.trust = trust
+        self._preloaded = preloaded
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The start-up checkpoint when ``path`` is its file (once), else one safe read."""
+        pre = self._preloaded
+        if pre is not None and _same_file(pre.path, path):
+            self._preloaded = None  # Lightning keeps it until the restore is done
+            return pre.data
+        trust = self.trust or weights_only is False
+        return read_checkpoint(path, "", trust=trust).data
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None

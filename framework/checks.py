@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,12 @@ from torch import Tensor, nn
 from convnn import ConvNNBase
 from datamodules.base import BaseDataModule
 from framework.build import build_datamodule, build_layer, build_net, net_name, user_error
+from framework.checkpoints import (
+    LoadedCheckpoint,
+    read_checkpoint,
+    read_weights_source,
+    unreadable,
+)
 from framework.errors import ConfigError
 from framework.resume import check_resume
 from models.layer_factory import LayerFactory
@@ -313,7 +318,8 @@ def check_config(cfg: DictConfig) -> None:
     _check_wandb(cfg)
 
     resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))
-    _check_path(cfg.init_from, "init_from")
+    if cfg.init_from is None or not Path(str(cfg.init_from)).is_dir():  # or an exported network
+        _check_path(cfg.init_from, "init_from")
     if cfg.test_only and cfg.init_from is None and cfg.ckpt_path is None:
         raise _fail("test_only", True, "needs weights to evaluate: set init_from=PATH")
     if cfg.ckpt_path is not None and cfg.init_from is not None:
@@ -456,33 +462,18 @@ def _warn_sampling_fallback(net: nn.Module, seen: dict[str, tuple], cfg: DictCon
 
 
 # -------------------------------------------------------------------------------- checkpoints
-def check_checkpoint(path: str, key: str, net: nn.Module, name: str, *, strict: bool) -> None:
-    """Read checkpoint ``path`` and check it holds weights for ``net`` (network ``name``).
+def check_checkpoint(
+    checkpoint: LoadedCheckpoint, net: nn.Module, name: str, *, strict: bool
+) -> None:
+    """Check that the checkpoint read at start-up holds weights for ``net`` (network ``name``).
 
     ``strict``: every tensor of the module must be present with the same shape (resume,
-    ``test_only``); otherwise at least one must match (``init_from`` fine-tuning). Returns the
-    checkpoint's state dict.
+    ``test_only``); otherwise at least one must match (``init_from`` fine-tuning).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise ConfigError(
-            f"Invalid configuration: {key}={path!r} is not a readable checkpoint ({err}). It may "
-            "be truncated by an interrupted copy or write; use another checkpoint (e.g. the best "
-            "one in checkpoints/) or drop the key."
-        ) from None
-    except Exception as err:  # unpickling arbitrary files raises many exception types
-        if type(err).__module__.startswith(("pickle", "_pickle")):
-            raise ConfigError(
-                f"Invalid configuration: {key}={path!r} is not a checkpoint ({err})."
-            ) from None
-        raise
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    key, path = checkpoint.key, checkpoint.path
+    state = checkpoint.state_dict
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(
-            f"Invalid configuration: {key}={path!r} holds no state dict of tensors; give a "
-            "Lightning checkpoint (.ckpt) or a saved state_dict."
-        )
+        raise unreadable(key, path, "it holds no state dict of tensors")
     own = {f"net.{k}": v for k, v in net.state_dict().items()}
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -509,6 +500,8 @@ class Startup:
     layer: LayerFactory
     net: nn.Module
     ckpt_path: str | None
+    checkpoint: LoadedCheckpoint | None = None  # ckpt_path, read once
+    init: LoadedCheckpoint | None = None  # init_from, read once
 
 
 def validate(cfg: DictConfig) -> Startup:
@@ -526,10 +519,21 @@ def validate(cfg: DictConfig) -> Startup:
     seen = probe(net, datamodule.dims, cfg)
     _warn_sampling_fallback(net, seen, cfg)
     name = net_name(cfg)
+    trust = bool(cfg.trust_checkpoint)
+    checkpoint = init = None
     if ckpt_path is not None:
-        check_resume(cfg, ckpt_path)  # readable, and the same run's config
-        check_checkpoint(ckpt_path, "ckpt_path", net, name, strict=True)
+        checkpoint = read_checkpoint(ckpt_path, "ckpt_path", trust=trust)
+        check_resume(cfg, checkpoint)  # the same run's config
+        check_checkpoint(checkpoint, net, name, strict=True)
     if cfg.init_from is not None:
-        check_checkpoint(str(cfg.init_from), "init_from", net, name, strict=bool(cfg.test_only))
+        init = read_weights_source(str(cfg.init_from), "init_from", trust=trust)
+        check_checkpoint(init, net, name, strict=bool(cfg.test_only))
     log.info("Config checked: %s built and probed on a %s input", net_name(cfg), datamodule.dims)
-    return Startup(datamodule=datamodule, layer=layer, net=net, ckpt_path=ckpt_path)
+    return Startup(
+        datamodule=datamodule,
+        layer=layer,
+        net=net,
+        ckpt_path=ckpt_path,
+        checkpoint=checkpoint,
+        init=init,
+    )

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
 from datamodules.errors import UserError
-from framework.checkpoints import SafeCheckpointIO
+from framework.checkpoints import LoadedCheckpoint, SafeCheckpointIO
 
 __all__ = [
     "LAST_FINITE",
@@ -114,10 +114,14 @@ class StopOnNonFiniteLoss(Callback):
         )
 
 
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Trainer arguments every run gets: the failing-loudly checkpoint writer, and SyncBatchNorm
-    only where it works (CUDA), since DDP on CPU (gloo) cannot synchronise BatchNorm."""
-    out: dict[str, Any] = {"plugins": [SafeCheckpointIO()]}
+def trainer_kwargs(
+    cfg: DictConfig, preloaded: LoadedCheckpoint | None = None
+) -> dict[str, Any]:
+    """Trainer arguments every run gets: the project's checkpoint IO (fails loudly on writes,
+    reads safely, hands over the ``preloaded`` start-up checkpoint), and SyncBatchNorm only where
+    it works (CUDA), since DDP on CPU (gloo) cannot synchronise BatchNorm."""
+    io = SafeCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), preloaded=preloaded)
+    out: dict[str, Any] = {"plugins": [io]}
     t = cfg.trainer
     if t.get("sync_batchnorm"):
         accelerator = str(t.get("accelerator", "auto"))

@@ -1,4 +1,5 @@
-"""Model inspection: FLOPs of one forward pass, the text of ``model.txt``, weights-only loading."""
+"""Model inspection: FLOPs of one forward pass, the text of ``model.txt``, weights-only loading
+(``init_from``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from framework.checkpoints import LoadedCheckpoint, read_weights_source
 
 __all__ = ["count_flops", "describe_model", "load_weights"]
 
@@ -48,13 +51,15 @@ def describe_model(net: nn.Module, dims: tuple[int, int, int]) -> tuple[str, dic
     return text, {"params": total, "params_trainable": trainable, "flops": flops}
 
 
-def load_weights(module: nn.Module, path: str) -> dict[str, list[str]]:
-    """Load weights only (``init_from``): matching keys, shape mismatches re-initialised.
+def load_weights(module: nn.Module, checkpoint: LoadedCheckpoint | str) -> dict[str, list[str]]:
+    """Load weights only (``init_from``, read once at start-up; a path is read here): matching
+    keys, shape mismatches re-initialised.
 
     Returns the missing, unexpected and skipped (shape-mismatched) keys, which are logged.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if isinstance(checkpoint, str):
+        checkpoint = read_weights_source(checkpoint, "init_from")
+    path, state = checkpoint.path, checkpoint.state_dict
     own = module.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     usable = {k: v for k, v in state.items() if k not in skipped}

@@ -1,30 +1,30 @@
 """Exact resumes: the bookkeeping stored in every checkpoint (the run config, the accumulated
-train time), and the checks before a resume touches anything: the checkpoint is readable, its
-stored config agrees with the new one on everything an exact resume depends on."""
+train time), and the resume rule — the allow-list of keys that may change between attempts —
+checked before a resume touches anything."""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from framework.checkpoints import LoadedCheckpoint
 from framework.errors import ConfigError
 
 __all__ = [
+    "ALLOWED",
     "REFUSED",
-    "SAFE",
-    "ResumeCheck",
     "RunConfig",
     "TrainClock",
     "check_resume",
     "config_diff",
     "flatten",
+    "matches",
     "run_config",
     "stored_config",
     "total_train_time",
@@ -32,32 +32,101 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Changing these between attempts breaks the exact resume: the network, its layer and sampling,
-# the data and its batching, the optimisation, the seed, and how many processes split a batch.
-REFUSED = (
+# Keys that may change between the attempts of one run (``ckpt_path=...``): how long to train,
+# where things are, how data is loaded (not which data or in which order), and what is reported.
+# Every other key is refused, with the differing keys listed. An entry matches the key and every
+# key under it; ``*`` matches one name. A new schema key must be added here or to REFUSED
+# (tests/faults/test_resume_rule.py fails otherwise).
+ALLOWED: tuple[str, ...] = (
+    # how long to train (the scheduler keeps its horizon, see HORIZON)
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    # paths
+    "paths",
+    "ckpt_path",
+    "init_from",
+    "dataset.root",
+    "trainer.default_root_dir",
+    "callbacks.*.dirpath",
+    # reading files and data
+    "trust_checkpoint",
+    "dataset.num_workers",
+    "dataset.pin_memory",
+    "dataset.download",
+    "dataset.prefetch_factor",
+    "dataset.persistent_workers",
+    # reporting only
+    "name",
+    "logger",
+    "analysis",
+    "test_only",
+    "resume_sweep",
+    "trainer.log_every_n_steps",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.enable_model_summary",
+    "callbacks.progress",
+    "callbacks.model_summary",
+)
+# Refused: the network, its layer and sampling, the data and its batching, the optimisation and
+# its schedule, the seed and numerics (precision, determinism, compilation, EMA), how many
+# processes split a batch, and what checkpoints keep. Listed so every schema key is classified.
+REFUSED: tuple[str, ...] = (
     "net",
     "layer",
     "sampling",
-    "dataset",
     "optimizer",
     "scheduler",
+    "ema",
+    "callbacks",
     "seed",
     "criterion",
     "label_smoothing",
     "deterministic",
-    "trainer.precision",
-    "trainer.accumulate_grad_batches",
-    "trainer.gradient_clip_val",
-    "trainer.gradient_clip_algorithm",
-    "trainer.limit_train_batches",
-    "trainer.overfit_batches",
+    "compile",
+    "compile_mode",
+    "dataset._target_",
+    "dataset.name",
+    "dataset.batch_size",
+    "dataset.resize",
+    "dataset.augment",
+    "dataset.noise",
+    "dataset.val_split",
+    "dataset.test_split",
+    "dataset.auto_augment",
+    "dataset.random_erasing",
+    "dataset.mixup_alpha",
+    "dataset.cutmix_alpha",
+    "dataset.channels",
+    "dataset.image_size",
+    "dataset.num_classes",
+    "dataset.train_size",
+    "dataset.test_size",
+    "trainer._target_",
+    "trainer.accelerator",
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.strategy",
+    "trainer.precision",
+    "trainer.min_epochs",
+    "trainer.max_time",
+    "trainer.gradient_clip_val",
+    "trainer.gradient_clip_algorithm",
+    "trainer.accumulate_grad_batches",
+    "trainer.check_val_every_n_epoch",
+    "trainer.val_check_interval",
+    "trainer.limit_train_batches",
+    "trainer.num_sanity_val_steps",
+    "trainer.fast_dev_run",
+    "trainer.overfit_batches",
+    "trainer.deterministic",
+    "trainer.benchmark",
+    "trainer.profiler",
     "trainer.sync_batchnorm",
+    "trainer.detect_anomaly",
+    "trainer.enable_checkpointing",
+    "trainer.use_distributed_sampler",
 )
-# Exceptions inside the refused groups: where the data lives and how it is loaded.
-SAFE = ("dataset.root", "dataset.num_workers", "dataset.pin_memory", "dataset.download")
 # Scheduler keys that follow trainer.max_epochs; the checkpoint's horizon is kept (see below).
 HORIZON = ("scheduler.T_max",)
 
@@ -137,8 +206,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
+def matches(key: str, entry: str) -> bool:
+    """Whether ``entry`` of a rule list names ``key`` or a group above it (``*``: one name)."""
+    parts, names = entry.split("."), key.split(".")
+    return len(names) >= len(parts) and all(
+        fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts)
+    )
+
+
+def _matches(key: str, entries: tuple[str, ...]) -> bool:
+    return any(matches(key, e) for e in entries)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -155,7 +232,7 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], li
         if a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
         follows_epochs = _matches(key, HORIZON) and (a.get(key), b.get(key)) == max_epochs
-        if _matches(key, REFUSED) and not _matches(key, SAFE) and not follows_epochs:
+        if not _matches(key, ALLOWED) and not follows_epochs:
             refused.append(key)
         else:
             allowed.append(key)
@@ -169,39 +246,6 @@ def _show(value: Any) -> str:
 _UNSET = object()
 
 
-@dataclass
-class ResumeCheck:
-    """The loaded checkpoint of a resume (``None`` for a fresh run)."""
-
-    path: str | None = None
-    checkpoint: dict[str, Any] = field(default_factory=dict)
-
-
-def _load(path: str) -> dict[str, Any]:
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        others = sorted(p.name for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
-        hint = (
-            f"Other checkpoints there: {', '.join(others)}; resume from one with ckpt_path=PATH."
-            if others
-            else "No other checkpoint is there; start a new run."
-        )
-        raise ConfigError(
-            f"Invalid configuration: ckpt_path={path} cannot be read as a checkpoint "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'}); it is "
-            f"truncated or corrupt. {hint}"
-        ) from None
-    if not isinstance(ckpt, dict):
-        raise ConfigError(
-            f"Invalid configuration: ckpt_path={path} holds a {type(ckpt).__name__}, not a "
-            "checkpoint dictionary; give a checkpoint written by a run."
-        )
-    return ckpt
-
-
 def stored_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
     """The run config stored by :class:`RunConfig`, if any."""
     state = ckpt.get("callbacks", {}).get(RunConfig.KEY)
@@ -209,18 +253,15 @@ def stored_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def check_resume(cfg: DictConfig, ckpt_path: str | None) -> ResumeCheck:
-    """Load the checkpoint to resume from and compare its stored config with ``cfg``.
-
-    Raises :class:`ConfigError` (exit 1, nothing written) for an unreadable checkpoint or a
-    config change that breaks the exact resume, listing every differing key."""
-    if ckpt_path is None:
-        return ResumeCheck()
-    ckpt = _load(ckpt_path)
-    old = stored_config(ckpt)
+def check_resume(cfg: DictConfig, checkpoint: LoadedCheckpoint) -> None:
+    """Compare the config stored in the checkpoint to resume from (read once at start-up) with
+    ``cfg``: :class:`ConfigError` (exit 1, nothing written) for a change outside
+    :data:`ALLOWED`, listing every differing key."""
+    ckpt_path = checkpoint.path
+    old = stored_config(checkpoint.data)
     if old is None:
         log.warning("%s stores no run config; only its weights are checked", ckpt_path)
-        return ResumeCheck(ckpt_path, ckpt)
+        return
     new = run_config(cfg)
     refused, allowed = config_diff(old, new)
     a, b = flatten(old), flatten(new)
@@ -243,4 +284,3 @@ def check_resume(cfg: DictConfig, ckpt_path: str | None) -> ResumeCheck:
             "scheduler's continuation rather than a stretched schedule",
             a.get("scheduler.T_max"),
         )
-    return ResumeCheck(ckpt_path, ckpt)

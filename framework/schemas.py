@@ -288,6 +288,7 @@ class RootConf:
     seed: int = 0
     ckpt_path: Any = None
     init_from: Any = None
+    trust_checkpoint: bool = False
     test_only: bool = False
     compile: bool = False
     criterion: str = "cross_entropy"

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.analysis import maybe_analyse
 from framework.build import build_module
 from framework.callbacks import RunIds, build_callbacks, step_time
+from framework.checkpoints import LoadedCheckpoint
 from framework.checks import validate
 from framework.faults import trainer_kwargs
 from framework.inspect import describe_model, load_weights
@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 SCHEDULER_META = ("interval", "monitor")
 
 
-def _checkpoint_ids(ckpt_path: str | None) -> dict[str, str]:
-    if ckpt_path is None:
+def _checkpoint_ids(checkpoint: LoadedCheckpoint | None) -> dict[str, str]:
+    """The logger run ids recorded in the checkpoint being resumed (read once at start-up)."""
+    if checkpoint is None:
         return {}
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    state = ckpt.get("callbacks", {}).get(RunIds.KEY)
+    state = checkpoint.data.get("callbacks", {}).get(RunIds.KEY)
     return dict(state.get("ids", {})) if isinstance(state, dict) else {}
 
 
@@ -97,15 +97,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "Model: %s params, %.2f MFLOPs per sample", f"{counts['params']:,}", counts["flops"] / 1e6
     )
     model = build_module(cfg, net, datamodule.num_classes)
-    if cfg.init_from is not None:
-        load_weights(model, str(cfg.init_from))
+    if startup.init is not None:
+        load_weights(model, startup.init)
 
-    ids = _checkpoint_ids(ckpt_path)
+    ids = _checkpoint_ids(startup.checkpoint)
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers), title=run_name(cfg))
+    kwargs = trainer_kwargs(cfg, preloaded=startup.checkpoint)  # Lightning gets it, not a reread
+    startup.checkpoint = startup.init = None
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **kwargs
     )
+    weights_only = not cfg.trust_checkpoint
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
     hparams["run_dir"] = str(run_dir)
@@ -115,12 +118,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         if not cfg.test_only:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
+            )
         train_time = total_train_time(trainer, time.perf_counter() - start)
         best = _best_checkpoint(trainer)
         if cfg.test_only and ckpt_path is not None:
             best = ckpt_path
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        test = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=weights_only
+        )
         results = _results(trainer, model, test, counts, train_time, best, run_dir)
         if trainer.is_global_zero:
             write_json(run_dir / "results.json", results)

@@ -166,6 +166,11 @@ CASES: dict[str, tuple[list[str], str]] = {
     "init_not_checkpoint": (["init_from={text}"], "init_from="),
     "ckpt_other_network": (["ckpt_path={other}"], "ckpt_path="),
     "test_only_other_network": (["test_only=true", "init_from={other}"], "init_from="),
+    "init_export_dir_without_weights": (["init_from={folder}"], "without model.safetensors"),
+    # a checkpoint whose unpickling would run code: refused before any of it runs
+    "ckpt_malicious": (["ckpt_path={evil}"], "trust_checkpoint=true"),
+    "init_malicious": (["init_from={evil}"], "trust_checkpoint=true"),
+    "test_only_malicious": (["test_only=true", "init_from={evil}"], "trust_checkpoint=true"),
     "data_missing": (["dataset=cifar10", "dataset.root=/definitely/missing"],
                      "/definitely/missing/cifar-10-batches-py"),
     "download_offline": (["dataset=cifar10", "dataset.root={data}", "dataset.download=true"],
@@ -197,7 +202,23 @@ def _checkpoints(base: Path) -> dict[str, str]:
     paths["text"] = base / "notes.ckpt"
     paths["text"].write_text("not a checkpoint\n")
     paths["data"] = base / "data"
+    paths["folder"] = base / "not-an-export"
+    paths["folder"].mkdir()
+    paths["evil"] = base / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(base / "code-ran")}, paths["evil"])
     return {k: str(v) for k, v in paths.items()}
+
+
+class _Payload:
+    """Unpickling this creates a folder: the code a malicious checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (str(self.marker),))
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +239,13 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     results = json.loads(out_file.read_text())
     for name in results:
         results[name]["run_dir"] = str(base / name)
+    results["_code_ran"] = (base / "code-ran").exists()
     return results
+
+
+def test_no_malicious_checkpoint_ran_code(outcomes: dict[str, dict]) -> None:
+    # catches: a read with weights_only=False anywhere before the refusal
+    assert outcomes["_code_ran"] is False
 
 
 def test_matrix_is_large_enough() -> None:
