@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convnn.functional.budget import _check_btd, _chunks, _op_budget, resolve_memory_budget
+from convnn.functional.budget import (
+    _check_btd,
+    _chunks,
+    _op_budget,
+    _use_custom_ops,
+    resolve_memory_budget,
+)
+from convnn.functional.flops import register_flop_formulas
 
 __all__ = [
     "aggregate_neighbors",
@@ -48,8 +55,7 @@ def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Te
     return (idx[b0:b1, q0:q1] + offs).reshape(-1)
 
 
-@torch.library.custom_op("convnn::aggregate", mutates_args=())
-def _aggregate_op(
+def _aggregate_forward(
     values: Tensor,
     idx: Tensor,
     weight: Tensor,
@@ -79,13 +85,7 @@ def _aggregate_op(
     return out.transpose(1, 2)
 
 
-@_aggregate_op.register_fake
-def _(values, idx, weight, bias, gates, budget):
-    return values.new_empty(values.shape[0], weight.shape[0], idx.shape[1]).transpose(1, 2)
-
-
-@torch.library.custom_op("convnn::aggregate_backward", mutates_args=())
-def _aggregate_backward_op(
+def _aggregate_grads(
     grad_out: Tensor,
     values: Tensor,
     idx: Tensor,
@@ -96,7 +96,7 @@ def _aggregate_backward_op(
     need_w: bool,
     need_g: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (values, weight, gates) of :func:`_aggregate_op`, re-gathering per block;
+    """Gradients (values, weight, gates) of :func:`_aggregate_forward`, re-gathering per block;
     an empty tensor stands for a gradient that is not needed."""
     b, nk, c = values.shape
     _, nq, k = idx.shape
@@ -120,7 +120,7 @@ def _aggregate_backward_op(
             gathered = src.index_select(0, flat).view(-1, k, c)
         if need_w:
             x = gathered if gate is None else gathered * gate
-            grad_w.addmm_(go.t(), x.view(-1, k * c))
+            torch.addmm(grad_w, go.t(), x.view(-1, k * c), out=grad_w)  # counted as a matmul
         if need_v or need_g:
             gx = (go @ w).view(-1, k, c)
             if need_g:
@@ -137,8 +137,46 @@ def _aggregate_backward_op(
     )
 
 
+@torch.library.custom_op("convnn::aggregate", mutates_args=())
+def _aggregate_op(
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gates: Tensor | None,
+    budget: int,
+) -> Tensor:
+    """:func:`_aggregate_forward` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _aggregate_forward(values, idx, weight, bias, gates, budget)
+
+
+@_aggregate_op.register_fake
+def _(values, idx, weight, bias, gates, budget):
+    register_flop_formulas()
+    return values.new_empty(values.shape[0], weight.shape[0], idx.shape[1]).transpose(1, 2)
+
+
+@torch.library.custom_op("convnn::aggregate_backward", mutates_args=())
+def _aggregate_backward_op(
+    grad_out: Tensor,
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    gates: Tensor | None,
+    budget: int,
+    need_v: bool,
+    need_w: bool,
+    need_g: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_aggregate_grads` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _aggregate_grads(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g)
+
+
 @_aggregate_backward_op.register_fake
 def _(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g):
+    register_flop_formulas()
     empty = values.new_empty(0)
     return (
         values.new_empty(values.shape) if need_v else empty,
@@ -154,10 +192,10 @@ def _aggregate_setup(ctx, inputs, output) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _aggregate_backward(ctx, grad_out):
+def _aggregate_backward(ctx, grad_out, kernel=_aggregate_backward_op):
     values, idx, weight, gates = ctx.saved_tensors
     need_v, _, need_w, need_b, need_g, _ = ctx.needs_input_grad
-    grad_v, grad_w, grad_g = _aggregate_backward_op(
+    grad_v, grad_w, grad_g = kernel(
         grad_out, values, idx, weight, gates, ctx.budget, need_v, need_w, need_g
     )
     grad_b = grad_out.sum((0, 1)).to(ctx.bias_dtype) if need_b else None
@@ -172,6 +210,20 @@ def _aggregate_backward(ctx, grad_out):
 
 
 _aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
+class _Aggregate(torch.autograd.Function):
+    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+
+    @staticmethod
+    def forward(values, idx, weight, bias, gates, budget):
+        return _aggregate_forward(values, idx, weight, bias, gates, budget)
+
+    setup_context = staticmethod(_aggregate_setup)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _aggregate_backward(ctx, grad_out, _aggregate_grads)
 
 
 def aggregate_neighbors(
@@ -214,4 +266,5 @@ def aggregate_neighbors(
     # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
     # shared by the forward and backward matmuls; no transposed copy of the whole filter.
     rows = weight.transpose(1, 2).reshape(weight.shape[0], k * weight.shape[1])
-    return _aggregate_op(values.contiguous(), idx.long(), rows, bias, gates, budget)
+    op = _aggregate_op if _use_custom_ops() else _Aggregate.apply
+    return op(values.contiguous(), idx.long(), rows, bias, gates, budget)

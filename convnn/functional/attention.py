@@ -16,9 +16,11 @@ from convnn.functional.budget import (
     _chunks,
     _op_budget,
     _score_dtype,
+    _use_custom_ops,
     canonical_magnitude,
     resolve_memory_budget,
 )
+from convnn.functional.flops import register_flop_formulas
 
 __all__ = [
     "ATTEND_MODES",
@@ -77,8 +79,7 @@ def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     return flat, qb, kg, g, gm, vg, which, w
 
 
-@torch.library.custom_op("convnn::attend", mutates_args=())
-def _attend_op(
+def _attend_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -116,14 +117,7 @@ def _attend_op(
     return out
 
 
-@_attend_op.register_fake
-def _(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
-    o = weight.shape[-1] if mode == "standard" else v.shape[-1]
-    return v.new_empty(idx.shape[0], idx.shape[1], o)
-
-
-@torch.library.custom_op("convnn::attend_backward", mutates_args=())
-def _attend_backward_op(
+def _attend_grads(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -137,7 +131,7 @@ def _attend_backward_op(
     mode: str,
     budget: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (q, k, v, weight) of :func:`_attend_op`; gathers are recomputed per block.
+    """Gradients (q, k, v, weight) of :func:`_attend_forward`; gathers are recomputed per block.
     An empty tensor stands for the weight gradient when there is no weight."""
     bh, nq, kk = idx.shape
     d, dv = q.shape[-1], v.shape[-1]
@@ -192,8 +186,55 @@ def _attend_backward_op(
     return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_w
 
 
+@torch.library.custom_op("convnn::attend", mutates_args=())
+def _attend_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+) -> Tensor:
+    """:func:`_attend_forward` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _attend_forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+
+
+@_attend_op.register_fake
+def _(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+    register_flop_formulas()
+    o = weight.shape[-1] if mode == "standard" else v.shape[-1]
+    return v.new_empty(idx.shape[0], idx.shape[1], o)
+
+
+@torch.library.custom_op("convnn::attend_backward", mutates_args=())
+def _attend_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_attend_grads` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _attend_grads(grad_out, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+
+
 @_attend_backward_op.register_fake
 def _(grad_out, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+    register_flop_formulas()
     grad_w = v.new_empty(0) if weight is None else weight.new_empty(weight.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_w
 
@@ -204,15 +245,29 @@ def _attend_setup(ctx, inputs, output) -> None:
     ctx.args = (heads, metric, softmax, mode, budget)
 
 
-def _attend_backward(ctx, grad_out):
+def _attend_backward(ctx, grad_out, kernel=_attend_backward_op):
     q, k, v, idx, mask, weight = ctx.saved_tensors
-    grads = _attend_backward_op(grad_out, q, k, v, idx, mask, weight, *ctx.args)
+    grads = kernel(grad_out, q, k, v, idx, mask, weight, *ctx.args)
     need = ctx.needs_input_grad
     gq, gk, gv, gw = (g if need[i] else None for i, g in zip((0, 1, 2, 5), grads, strict=True))
     return gq, gk, gv, None, None, gw, None, None, None, None, None
 
 
 _attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
+
+
+class _Attend(torch.autograd.Function):
+    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+
+    @staticmethod
+    def forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+        return _attend_forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+
+    setup_context = staticmethod(_attend_setup)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _attend_backward(ctx, grad_out, _attend_grads)
 
 
 def gate_dropout_mask(
@@ -268,7 +323,8 @@ def attend_neighbors(
             gate_mask = gate_mask.to(q.dtype)
         budget = _op_budget(values.device, memory_budget)
         metric = "neg_sqdist" if mt == "euclidean" else "dot"
-        return _attend_op(
+        attend = _attend_op if _use_custom_ops() else _Attend.apply
+        return attend(
             q.contiguous(),
             k.contiguous(),
             values.contiguous(),

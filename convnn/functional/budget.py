@@ -151,3 +151,18 @@ def _op_budget(device: torch.device, budget: int | None) -> int:
     if torch.compiler.is_compiling():
         return -1
     return resolve_memory_budget(device)
+
+
+#: Eager calls take the ``torch.library`` custom ops too when ``True`` (tests compare the paths).
+_FORCE_CUSTOM_OPS: bool = False
+
+
+def _use_custom_ops() -> bool:
+    """Whether the search/aggregation/attention go through their ``torch.library`` custom ops.
+
+    Only while ``torch.compile`` traces (the ops keep the graph whole, with fake kernels and
+    FLOP formulas); eager calls run the same kernels as plain functions and
+    ``autograd.Function`` s, which skip the custom-op dispatch (~0.4 ms per call) and the
+    ``torch._dynamo`` import that the first custom-op call pays (~1 s, ~150 MiB).
+    """
+    return _FORCE_CUSTOM_OPS or torch.compiler.is_compiling()

@@ -14,9 +14,11 @@ from convnn.functional.budget import (
     _op_budget,
     _prepare,
     _scores_prepared,
+    _use_custom_ops,
     canonical_magnitude,
     resolve_memory_budget,
 )
+from convnn.functional.flops import register_flop_formulas
 from convnn.functional.topk import _TIE_BYTES, _ordered_topk, _search_width, _tie_columns
 
 __all__ = [
@@ -92,7 +94,8 @@ def knn_search(
         )
     budget = _op_budget(queries.device, memory_budget)
     shared = queries is keys
-    return torch.ops.convnn.knn_search(
+    search = _knn_search_op if _use_custom_ops() else _knn_search_blocked
+    return search(
         queries.detach(),
         keys.detach(),
         K,
@@ -105,8 +108,7 @@ def knn_search(
     )
 
 
-@torch.library.custom_op("convnn::knn_search", mutates_args=())
-def _knn_search_op(
+def _knn_search_blocked(
     queries: Tensor,
     keys: Tensor,
     K: int,
@@ -168,6 +170,26 @@ def _knn_search_op(
     return out
 
 
+@torch.library.custom_op("convnn::knn_search", mutates_args=())
+def _knn_search_op(
+    queries: Tensor,
+    keys: Tensor,
+    K: int,
+    magnitude_type: str,
+    candidates: Tensor | None,
+    query_positions: Tensor | None,
+    include_self: bool,
+    budget: int,
+    shared: bool,
+) -> Tensor:
+    """:func:`_knn_search_blocked` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _knn_search_blocked(
+        queries, keys, K, magnitude_type, candidates, query_positions, include_self, budget, shared
+    )
+
+
 @_knn_search_op.register_fake
 def _(queries, keys, K, magnitude_type, candidates, query_positions, include_self, budget, shared):
+    register_flop_formulas()
     return queries.new_empty(queries.shape[0], queries.shape[1], K, dtype=torch.long)
