@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 
 from convnn.functional.budget import (
+    _arange,
+    _cast,
     _check_btd,
     _chunks,
     _op_budget,
@@ -25,7 +27,7 @@ _AGG_BYTES_FACTOR = 3  # gathered block + its gradient + the gated copy in backw
 
 def _flat_index(idx: Tensor, nk: int) -> Tensor:
     """(B, Nq, K) per-sample indices -> flat indices into a (B·Nk, C) view."""
-    offs = torch.arange(idx.shape[0], device=idx.device).mul_(nk).view(-1, 1, 1)
+    offs = _arange(idx.shape[0], device=idx.device, scale=nk).view(-1, 1, 1)
     return (idx + offs).reshape(-1)
 
 
@@ -51,7 +53,7 @@ def _agg_chunks(b: int, nq: int, k: int, c: int, o: int, element_size: int, budg
 
 def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
     """Flat row indices into the (B·Nk, C) view for samples b0:b1 and queries q0:q1."""
-    offs = torch.arange(b0, b1, device=idx.device).mul_(nk).view(-1, 1, 1)
+    offs = _arange(b0, b1, device=idx.device, scale=nk).view(-1, 1, 1)
     return (idx[b0:b1, q0:q1] + offs).reshape(-1)
 
 
@@ -70,15 +72,15 @@ def _aggregate_forward(
     o = weight.shape[0]
     if budget < 0:
         budget = resolve_memory_budget(values.device)
-    w2 = weight.to(values.dtype).t()  # (K·C, O) view: BLAS reads it transposed, no copy
-    b2 = None if bias is None else bias.to(values.dtype)
+    w2 = _cast(weight, values.dtype).t()  # (K·C, O) view: BLAS reads it transposed, no copy
+    b2 = None if bias is None else _cast(bias, values.dtype)
     src = values.reshape(b * nk, c)
     # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
     out = values.new_empty(b, o, nq)
     for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
         g = src.index_select(0, _block_index(idx, nk, b0, b1, q0, q1)).view(-1, k, c)
         if gates is not None:
-            g.mul_(gates[b0:b1, q0:q1].reshape(-1, k, 1).to(g.dtype))
+            g.mul_(_cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), g.dtype))
         g = g.view(-1, k * c)
         res = g @ w2 if b2 is None else torch.addmm(b2, g, w2)
         out[b0:b1, :, q0:q1] = res.view(b1 - b0, q1 - q0, o).transpose(1, 2)
@@ -103,8 +105,8 @@ def _aggregate_grads(
     o = weight.shape[0]
     if budget < 0:
         budget = resolve_memory_budget(values.device)
-    grad_out = grad_out.to(values.dtype)
-    w = weight.to(values.dtype)  # (O, K·C)
+    grad_out = _cast(grad_out, values.dtype)
+    w = _cast(weight, values.dtype)  # (O, K·C)
     src = values.reshape(b * nk, c)
     grad_v = torch.zeros_like(src) if need_v else None
     grad_w = values.new_zeros(o, k * c) if need_w else None
@@ -114,7 +116,7 @@ def _aggregate_grads(
         go = grad_out[b0:b1, q0:q1].reshape(-1, o)
         gate = None
         if gates is not None:
-            gate = gates[b0:b1, q0:q1].reshape(-1, k, 1).to(values.dtype)
+            gate = _cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), values.dtype)
         gathered = None
         if need_w or need_g:
             gathered = src.index_select(0, flat).view(-1, k, c)
@@ -132,8 +134,8 @@ def _aggregate_grads(
     empty = values.new_empty(0)
     return (
         grad_v.view(b, nk, c) if need_v else empty,
-        grad_w.to(weight.dtype) if need_w else empty.clone(),
-        grad_g.to(gates.dtype) if need_g else empty.clone(),
+        _cast(grad_w, weight.dtype) if need_w else empty.clone(),
+        _cast(grad_g, gates.dtype) if need_g else empty.clone(),
     )
 
 
@@ -198,7 +200,7 @@ def _aggregate_backward(ctx, grad_out, kernel=_aggregate_backward_op):
     grad_v, grad_w, grad_g = kernel(
         grad_out, values, idx, weight, gates, ctx.budget, need_v, need_w, need_g
     )
-    grad_b = grad_out.sum((0, 1)).to(ctx.bias_dtype) if need_b else None
+    grad_b = _cast(grad_out.sum((0, 1)), ctx.bias_dtype) if need_b else None
     return (
         grad_v if need_v else None,
         None,

@@ -12,6 +12,8 @@ from torch import Tensor
 from convnn.functional.aggregation import _block_index, gather_neighbors
 from convnn.functional.budget import (
     _EPS,
+    _arange,
+    _cast,
     _check_btd,
     _chunks,
     _op_budget,
@@ -37,8 +39,8 @@ def selected_scores(queries: Tensor, keys: Tensor, idx: Tensor, magnitude_type: 
     """
     mt = canonical_magnitude(magnitude_type)
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = queries.to(_score_dtype(queries.dtype))
-        k = gather_neighbors(keys.to(_score_dtype(keys.dtype)), idx)  # (B, Nq, K, D)
+        q = _cast(queries, _score_dtype(queries.dtype))
+        k = gather_neighbors(_cast(keys, _score_dtype(keys.dtype)), idx)  # (B, Nq, K, D)
         if mt == "euclidean":
             return -(q.unsqueeze(2) - k).pow(2).sum(-1)
         if mt == "cosine":
@@ -55,8 +57,8 @@ def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: tor
     """Per-row filter of batch rows b0:b1 (row r belongs to head r mod ``heads``)."""
     if weight is None:
         return None, None
-    which = torch.arange(b0, b1, device=weight.device).remainder_(heads)
-    return which, weight.index_select(0, which).to(dtype)
+    which = _arange(b0, b1, device=weight.device).remainder(heads)
+    return which, _cast(weight.index_select(0, which), dtype)
 
 
 def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
@@ -105,7 +107,7 @@ def _attend_forward(
         _, _, _, _, gm, vg, _, w = _attend_block(
             q, k, v, idx, mask, weight, heads, metric, softmax, blk
         )
-        gv = gm.to(v.dtype).unsqueeze(-2)  # (nb, nq, 1, K)
+        gv = _cast(gm, v.dtype).unsqueeze(-2)  # (nb, nq, 1, K)
         if mode == "sum":
             res = (gv @ vg).squeeze(-2)
         elif mode == "depthwise":
@@ -138,7 +140,7 @@ def _attend_grads(
     o = grad_out.shape[-1]
     if budget < 0:
         budget = resolve_memory_budget(v.device)
-    grad_out = grad_out.to(v.dtype)
+    grad_out = _cast(grad_out, v.dtype)
     grad_q = torch.empty_like(q)
     grad_k = torch.zeros(k.shape[0] * k.shape[1], d, dtype=k.dtype, device=k.device)
     grad_v = torch.zeros(v.shape[0] * v.shape[1], dv, dtype=v.dtype, device=v.device)
@@ -151,7 +153,7 @@ def _attend_grads(
             q, k, v, idx, mask, weight, heads, metric, softmax, blk
         )
         go = grad_out[b0:b1, q0:q1]
-        gv = gm.to(v.dtype)
+        gv = _cast(gm, v.dtype)
         if mode == "sum":
             grad_gm = (vg @ go.unsqueeze(-1)).squeeze(-1)
             grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
@@ -167,7 +169,7 @@ def _attend_grads(
             grad_gm = (gx * vg).sum(-1)
             grad_vg = gx.mul_(gv.unsqueeze(-1))
         grad_v.index_add_(0, flat, grad_vg.reshape(-1, dv))
-        grad_g = grad_gm.to(g.dtype)
+        grad_g = _cast(grad_gm, g.dtype)
         if mask is not None:
             grad_g = grad_g * mask[b0:b1, q0:q1]
         if softmax:
@@ -182,7 +184,7 @@ def _attend_grads(
             grad_kg = diff.mul_(grad_s.unsqueeze(-1) * 2.0)
             grad_q[b0:b1, q0:q1] = grad_kg.sum(2).neg_()
         grad_k.index_add_(0, flat, grad_kg.reshape(-1, d))
-    grad_w = v.new_empty(0) if grad_w is None else grad_w.to(weight.dtype)
+    grad_w = v.new_empty(0) if grad_w is None else _cast(grad_w, weight.dtype)
     return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_w
 
 
@@ -313,14 +315,14 @@ def attend_neighbors(
     if (weight is None) != (mode == "sum"):
         raise ValueError(f"mode={mode!r} {'takes no' if mode == 'sum' else 'needs a'} weight")
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = queries.to(_score_dtype(queries.dtype))
-        k = keys.to(_score_dtype(keys.dtype))
+        q = _cast(queries, _score_dtype(queries.dtype))
+        k = _cast(keys, _score_dtype(keys.dtype))
         if mt == "cosine":
             q, k = F.normalize(q, dim=-1, eps=_EPS), F.normalize(k, dim=-1, eps=_EPS)
         elif mt == "matmul":
             q = q / math.sqrt(q.shape[-1])
         if gate_mask is not None:
-            gate_mask = gate_mask.to(q.dtype)
+            gate_mask = _cast(gate_mask, q.dtype)
         budget = _op_budget(values.device, memory_budget)
         metric = "neg_sqdist" if mt == "euclidean" else "dot"
         attend = _attend_op if _use_custom_ops() else _Attend.apply

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convnn.functional.budget import (
+    _arange,
     _check_btd,
     _chunks,
     _op_budget,
@@ -19,7 +20,13 @@ from convnn.functional.budget import (
     resolve_memory_budget,
 )
 from convnn.functional.flops import register_flop_formulas
-from convnn.functional.topk import _TIE_BYTES, _ordered_topk, _search_width, _tie_columns
+from convnn.functional.topk import (
+    _TIE_BYTES,
+    _ascending,
+    _ordered_topk,
+    _search_width,
+    _tie_columns,
+)
 
 __all__ = [
     "knn_search",
@@ -127,11 +134,14 @@ def _knn_search_blocked(
     if budget < 0:
         budget = resolve_memory_budget(device)
     if query_positions is None:
-        query_positions = torch.arange(nq, device=device)
+        query_positions = _arange(nq, device=device)
     else:
-        query_positions = query_positions.to(device=device, dtype=torch.long)
+        if query_positions.device != device or query_positions.dtype != torch.long:
+            query_positions = query_positions.to(device=device, dtype=torch.long)
     if candidates is not None:
-        candidates = torch.sort(candidates.to(device=device, dtype=torch.long).flatten()).values
+        if candidates.device != device or candidates.dtype != torch.long:
+            candidates = candidates.to(device=device, dtype=torch.long)
+        candidates = _ascending(candidates.flatten())
     m = nk if candidates is None else candidates.numel()
     out = torch.empty(b, nq, K, dtype=torch.long, device=device)
     if include_self:
@@ -151,7 +161,7 @@ def _knn_search_blocked(
             # a spare -inf column, so that one index write per row replaces a mask pass
             columns = m + 1
             at = torch.searchsorted(candidates, query_positions).clamp_(max=m - 1)
-            self_cols = torch.where(candidates[at] == query_positions, at, m)
+            self_cols = at.masked_fill_(candidates.index_select(0, at) != query_positions, m)
         width = _search_width(columns, k_sel)
         if width > m:  # zero keys whose scores become -inf: whole blocks for _exact_topk
             kp = F.pad(kp, (0, 0, 0, width - m))
@@ -166,7 +176,7 @@ def _knn_search_blocked(
             else:
                 sel = _ordered_topk(scores, K)
                 dst = out[b0:b1, q0:q1]
-            dst.copy_(sel if candidates is None else cand_cols[sel])
+            dst.copy_(sel if candidates is None else cand_cols.take(sel))
     return out
 
 
