@@ -118,3 +118,25 @@ print(len(set(sys.modules) - before))
     loaded, count = out.stdout.split("\n")[:2]
     assert loaded == "[]", out.stdout + out.stderr
     assert int(count) < 50, out.stdout  # ~900 when the custom ops ran eagerly
+
+
+def _aten_events(layer: nn.Module, x: torch.Tensor) -> int:
+    """All ``aten::`` profiler events of one forward + backward (nested ones and views too)."""
+    grad = torch.randn_like(layer(x))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x).backward(grad)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+# measured 354 and 702 events; the ceilings leave a few for harmless variation
+@pytest.mark.parametrize(("cls", "ceiling"), [(Conv2dNN, 360), (Conv2dNNAttention, 710)])
+def test_ops_per_training_step_do_not_grow(
+    cls: type[nn.Module], ceiling: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches extra per-call ops (each one a kernel launch on a GPU): a 32×32 map, K = 9,
+    padding 1, one work block, as in docs/performance.md (which measures B = 128, C = 64)."""
+    monkeypatch.setattr(budget, "MEMORY_BUDGET", 4 * 2**30)
+    torch.manual_seed(0)
+    layer = cls(8, 8, K=9, padding=1)
+    x = torch.randn(2, 8, 32, 32, requires_grad=True)
+    assert _aten_events(layer, x) <= ceiling
