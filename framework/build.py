@@ -140,4 +140,5 @@ def build_module(cfg: DictConfig, net: nn.Module, num_classes: int) -> ImageClas
         criterion=cfg.criterion,
         label_smoothing=cfg.label_smoothing,
         compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
     )

@@ -259,7 +259,7 @@ def aggregate_neighbors(
         )
     budget = _op_budget(values.device, memory_budget)
     device_type = values.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         # like nn.Conv1d under autocast: the matmuls run in the autocast dtype
         low = torch.get_autocast_dtype(device_type)
         values, weight = values.to(low), weight.to(low)

@@ -16,6 +16,7 @@ from convnn.functional.budget import (
     _cast,
     _check_btd,
     _chunks,
+    _no_autocast,
     _op_budget,
     _score_dtype,
     _use_custom_ops,
@@ -38,7 +39,7 @@ def selected_scores(queries: Tensor, keys: Tensor, idx: Tensor, magnitude_type: 
     Used for attention weights: gradients reach queries and keys without the dense matrix.
     """
     mt = canonical_magnitude(magnitude_type)
-    with torch.autocast(device_type=queries.device.type, enabled=False):
+    with _no_autocast(queries.device):
         q = _cast(queries, _score_dtype(queries.dtype))
         k = gather_neighbors(_cast(keys, _score_dtype(keys.dtype)), idx)  # (B, Nq, K, D)
         if mt == "euclidean":
@@ -314,7 +315,7 @@ def attend_neighbors(
         raise ValueError(f"mode={mode!r} is not supported; choose one of {ATTEND_MODES}")
     if (weight is None) != (mode == "sum"):
         raise ValueError(f"mode={mode!r} {'takes no' if mode == 'sum' else 'needs a'} weight")
-    with torch.autocast(device_type=queries.device.type, enabled=False):
+    with _no_autocast(queries.device):
         q = _cast(queries, _score_dtype(queries.dtype))
         k = _cast(keys, _score_dtype(keys.dtype))
         if mt == "cosine":

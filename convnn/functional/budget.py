@@ -3,6 +3,7 @@ memory budget that sizes every work block of the search, aggregation and attenti
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -97,7 +98,7 @@ def pairwise_scores(queries: Tensor, keys: Tensor, magnitude_type: str) -> Tenso
     mt = canonical_magnitude(magnitude_type)
     _check_btd("queries", queries)
     _check_btd("keys", keys)
-    with torch.autocast(device_type=queries.device.type, enabled=False):
+    with _no_autocast(queries.device):
         q = _prepare(queries, mt, is_query=True)
         return _scores_prepared(q, _prepare(keys, mt, is_query=False), mt)
 
@@ -190,3 +191,11 @@ def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Ten
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without the (no-op) dispatch when it already has that dtype."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``; a no-op on ``meta`` (no autocast there: shape-only runs,
+    such as the check that a step creates no host tensor, go through the same code)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)

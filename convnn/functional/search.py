@@ -12,6 +12,7 @@ from convnn.functional.budget import (
     _arange,
     _check_btd,
     _chunks,
+    _no_autocast,
     _op_budget,
     _prepare,
     _scores_prepared,
@@ -148,7 +149,7 @@ def _knn_search_blocked(
         out[..., 0] = query_positions
         if K == 1:
             return out
-    with torch.autocast(device_type=device.type, enabled=False):
+    with _no_autocast(device):
         kp = _prepare(keys, mt, is_query=False)
         qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
         if candidates is not None:
