@@ -7,6 +7,7 @@ reshaping). ConvNN-Attention layers reuse the same base and replace only :meth:`
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import typing
@@ -261,11 +262,15 @@ class ConvNNBase(nn.Module):
         b = x.shape[0]
         shape = tuple(x.shape[2:])
         p = self.padding
-        if p:
-            x = F.pad(x, (p, p) * self.spatial_dims)
-        padded = tuple(x.shape[2:])
+        padded = tuple(n + 2 * p for n in shape)
         # channels-last once: shared by the search and the gather (no further copies)
-        feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, Np, C')
+        if p:  # zero padding written straight into the channels-last buffer (fewer ops)
+            feats = x.new_zeros(b, *padded, x.shape[1])
+            inner = feats[:, p:-p] if self.spatial_dims == 1 else feats[:, p:-p, p:-p]
+            inner.copy_(x.movedim(1, -1))
+            feats = feats.view(b, -1, x.shape[1])  # (B, Np, C')
+        else:
+            feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C')
         coords = None
         if self.use_coords:
             if self.spatial_dims == 1:
@@ -332,14 +337,23 @@ class ConvNNBase(nn.Module):
             )
 
     def _query_positions(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """Flat indices of the unpadded positions inside the padded map, in raster order."""
-        p = self.padding
-        if len(shape) == 1:
-            return torch.arange(shape[0], device=device) + p
-        h, w = shape
-        rows = torch.arange(h, device=device) + p
-        cols = torch.arange(w, device=device) + p
-        return (rows.view(-1, 1) * (w + 2 * p) + cols.view(1, -1)).reshape(-1)
+        """Flat indices of the unpadded positions inside the padded map, in raster order: a
+        shared constant per (shape, padding, device) in eager mode (do not modify it)."""
+        if torch.compiler.is_compiling():
+            return _query_positions(shape, self.padding, device)
+        return _cached_query_positions(shape, self.padding, torch.device(device))
+
+
+def _query_positions(shape: tuple[int, ...], p: int, device: torch.device) -> Tensor:
+    if len(shape) == 1:
+        return torch.arange(shape[0], device=device) + p
+    h, w = shape
+    rows = torch.arange(h, device=device) + p
+    cols = torch.arange(w, device=device) + p
+    return (rows.view(-1, 1) * (w + 2 * p) + cols.view(1, -1)).reshape(-1)
+
+
+_cached_query_positions = functools.lru_cache(maxsize=256)(_query_positions)
 
 
 def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tuple[int, ...] | None:

@@ -4,12 +4,15 @@ loaders whose order depends only on (seed, epoch)."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, get_worker_info
+from torch.utils.data._utils.worker import _generate_state
 from torchvision import transforms as T
 
 from datamodules.augment import BatchMixer, auto_augment_steps, random_erasing_steps
@@ -72,6 +75,57 @@ class EpochSeededSampler(RandomSampler):
         )
         return iter(perm.tolist())
 
+    def worker_base_seed(self) -> int:
+        """The base seed a fresh DataLoader iterator draws from :attr:`generator` this epoch
+        (its workers use ``base + worker_id``)."""
+        gen = torch.Generator().manual_seed(self._epoch_seed())
+        return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item())
+
+
+class _SeedTagged(torch.utils.data.Sampler):
+    """Yields ``(base_seed, index)``: the epoch's worker base seed travels with every index."""
+
+    def __init__(self, sampler: EpochSeededSampler | None, length: int, base_seed: int) -> None:
+        self.sampler, self.length, self.base_seed = sampler, length, base_seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.sampler is None:
+            return ((self.base_seed, i) for i in range(self.length))
+        seed = self.sampler.worker_base_seed()
+        return ((seed, i) for i in self.sampler)
+
+
+class _Reseeding(Dataset):
+    """A worker's view of ``dataset`` that, when an index arrives with a new base seed (a new
+    epoch), reseeds the worker's RNGs exactly as PyTorch seeds a fresh worker. Persistent
+    workers then draw the same augmentations as workers re-spawned every epoch, so keeping
+    them alive changes no number and a resumed run stays exact."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._base_seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        base_seed, index = key
+        info = get_worker_info()
+        if info is not None and base_seed != self._base_seed:
+            self._base_seed = base_seed
+            seed = base_seed + info.id
+            random.seed(seed)
+            torch.manual_seed(seed)
+            np.random.seed(_generate_state(base_seed, info.id))  # noqa: NPY002 (as PyTorch does)
+        return self.dataset[index]
+
 
 def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:
     """Split ``range(n)`` into (train, val) with the fixed generator (``val_split``: fraction)."""
@@ -92,6 +146,9 @@ class BaseDataModule(pl.LightningDataModule):
         batch_size: the global batch size, divided by the world size.
         num_workers: DataLoader worker processes per device.
         pin_memory: pin host memory for faster GPU transfer.
+        persistent_workers: keep the workers alive across epochs and validation passes
+            (with ``num_workers > 0``); the batches and augmentations are the same either way.
+        prefetch_factor: batches each worker loads ahead (``None``: PyTorch's default, 2).
         resize: resize images to ``resize``×``resize`` (``None`` keeps the native size).
         augment: random crop (padding 4) + horizontal flip on the training set.
         noise: std of Gaussian noise added after normalisation (train only).
@@ -115,6 +172,8 @@ class BaseDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
         resize: int | None = None,
         augment: bool = False,
         noise: float = 0.0,
@@ -132,6 +191,8 @@ class BaseDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = None if prefetch_factor is None else int(prefetch_factor)
         self.resize = None if resize is None else int(resize)
         self.augment = bool(augment)
         self.noise = float(noise)
@@ -229,15 +290,27 @@ class BaseDataModule(pl.LightningDataModule):
         if dataset is None:
             raise DataError(f"{self.name}: setup() has not built this split")
         sampler = EpochSeededSampler(dataset, self.seed) if train else None
+        # eval loaders draw their workers' base seed from a private generator: the global RNG
+        # (restored on resume) is never consumed by a loader, persistent or not
+        generator = sampler.generator if sampler is not None else torch.Generator()
+        workers: dict[str, Any] = {}
+        if self.num_workers > 0:
+            workers = {
+                "persistent_workers": self.persistent_workers,
+                "prefetch_factor": self.prefetch_factor,
+            }
+            # eval passes: one fixed base seed (eval transforms draw nothing random today)
+            sampler = _SeedTagged(sampler, len(dataset), self.seed)  # type: ignore[arg-type]
+            dataset = _Reseeding(dataset)
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size,
             sampler=sampler,
-            generator=sampler.generator if sampler is not None else None,
+            generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=False,
             drop_last=False,
+            **workers,
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -144,4 +144,5 @@ def build_module(cfg: DictConfig, net: nn.Module, num_classes: int) -> ImageClas
         label_smoothing=cfg.label_smoothing,
         compile=cfg.compile,
         mask_lr_ratio=float(optimizer.get("mask_lr_ratio", 1.0)),
+        compile_mode=cfg.compile_mode,
     )

@@ -35,7 +35,7 @@ from framework.checkpoints import (
 from framework.errors import ConfigError
 from framework.resume import check_resume
 from models.layer_factory import LayerFactory
-from models.module import CRITERIA, LOGGED_METRICS
+from models.module import COMPILE_MODES, CRITERIA, LOGGED_METRICS
 
 __all__ = [
     "ConfigError",
@@ -139,6 +139,8 @@ def _check_dataset(d: Any) -> int:
     p = "dataset."
     batch = _int(d, "batch_size", p, 1)
     _int(d, "num_workers", p, 0)
+    if d.get("prefetch_factor") is not None:
+        _int(d, "prefetch_factor", p, 1)
     if d.resize is not None:
         _int(d, "resize", p, 1)
     _number(d, "noise", p, 0.0, math.inf)
@@ -310,6 +312,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_unknown_keys(cfg)
     _int(cfg, "seed", "", 0, SEED_MAX)
     _choice(cfg, "criterion", "", CRITERIA)
+    _choice(cfg, "compile_mode", "", COMPILE_MODES)
     _number(cfg, "label_smoothing", "", 0.0, 1.0, high_open=True)
     batch = _check_dataset(cfg.dataset)
     _check_optimizer(cfg.optimizer)

@@ -160,6 +160,8 @@ class DatasetConf:
     batch_size: int = 128
     num_workers: int = 2
     pin_memory: bool = False
+    persistent_workers: bool = True  # keep workers across epochs (same batches either way)
+    prefetch_factor: Any = None  # batches per worker loaded ahead; null = PyTorch's 2
     resize: Any = None
     augment: bool = False
     noise: float = 0.0
@@ -291,6 +293,7 @@ class RootConf:
     trust_checkpoint: bool = False
     test_only: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     criterion: str = "cross_entropy"
     label_smoothing: float = 0.0
     deterministic: bool = False

@@ -14,11 +14,13 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["CRITERIA", "LOGGED_METRICS", "ImageClassifier", "param_groups"]
+__all__ = ["COMPILE_MODES", "CRITERIA", "LOGGED_METRICS", "ImageClassifier", "param_groups"]
 
 log = logging.getLogger(__name__)
 
 CRITERIA = ("cross_entropy", "mse")
+#: ``torch.compile`` modes (``compile_mode``); ``reduce-overhead`` uses CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Every metric the module logs (what a scheduler or checkpoint may monitor).
 LOGGED_METRICS: tuple[str, ...] = (
     *(f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "acc1", "acc5")),
@@ -79,6 +81,9 @@ class ImageClassifier(pl.LightningModule):
         compile: compile the backbone with ``torch.compile`` (state-dict keys unchanged).
         mask_lr_ratio: learning rate of the continuous layers' Gaussian masks relative to the
             optimizer's (CCNN's ``optimizer.mask_lr_ratio``).
+        compile_mode: ``torch.compile``'s ``mode``: ``default``, or ``reduce-overhead`` (CUDA
+            graphs: fewer kernel launches per step on a GPU), ``max-autotune``,
+            ``max-autotune-no-cudagraphs``.
     """
 
     def __init__(
@@ -93,14 +98,17 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         compile: bool = False,
         mask_lr_ratio: float = 1.0,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r} is not one of {CRITERIA}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r} is not one of {COMPILE_MODES}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
         if compile:
-            self.net.compile()
+            self.net.compile(mode=compile_mode)
         self.num_classes = int(num_classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

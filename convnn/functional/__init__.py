@@ -21,9 +21,11 @@ gather per block in backward, so the ``(B, N, K, C)`` neighbour tensor is never 
 autograd.
 
 No function here asks the host for a tensor value (no ``.item()``, ``nonzero`` or ``bool(t)``):
-on a GPU the whole search and aggregation is queued without draining the stream. The search and
-the aggregations are ``torch.library`` custom ops, so ``torch.compile`` keeps them in its graph
-as opaque calls (no graph break, no recompilation per layer).
+on a GPU the whole search and aggregation is queued without draining the stream. While
+``torch.compile`` traces, the search, aggregation and attention are ``torch.library`` custom ops
+(opaque calls in its graph: no graph break, no recompilation per layer, FLOP formulas in
+:mod:`~convnn.functional.flops`); eager calls run the same kernels as plain functions and
+``autograd.Function`` s, without the custom-op dispatch and its ``torch._dynamo`` import.
 
 The budget settings (:data:`MEMORY_BUDGET`, :data:`CPU_MEMORY_BUDGET`,
 :data:`CUDA_MEMORY_FRACTION`) live in :mod:`~convnn.functional.budget`; reading or assigning

@@ -6,7 +6,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convnn.functional.budget import _check_btd, _chunks, _op_budget, resolve_memory_budget
+from convnn.functional.budget import (
+    _arange,
+    _cast,
+    _check_btd,
+    _chunks,
+    _op_budget,
+    _use_custom_ops,
+    resolve_memory_budget,
+)
+from convnn.functional.flops import register_flop_formulas
 
 __all__ = [
     "aggregate_neighbors",
@@ -18,7 +27,7 @@ _AGG_BYTES_FACTOR = 3  # gathered block + its gradient + the gated copy in backw
 
 def _flat_index(idx: Tensor, nk: int) -> Tensor:
     """(B, Nq, K) per-sample indices -> flat indices into a (B·Nk, C) view."""
-    offs = torch.arange(idx.shape[0], device=idx.device).mul_(nk).view(-1, 1, 1)
+    offs = _arange(idx.shape[0], device=idx.device, scale=nk).view(-1, 1, 1)
     return (idx + offs).reshape(-1)
 
 
@@ -44,12 +53,11 @@ def _agg_chunks(b: int, nq: int, k: int, c: int, o: int, element_size: int, budg
 
 def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
     """Flat row indices into the (B·Nk, C) view for samples b0:b1 and queries q0:q1."""
-    offs = torch.arange(b0, b1, device=idx.device).mul_(nk).view(-1, 1, 1)
+    offs = _arange(b0, b1, device=idx.device, scale=nk).view(-1, 1, 1)
     return (idx[b0:b1, q0:q1] + offs).reshape(-1)
 
 
-@torch.library.custom_op("convnn::aggregate", mutates_args=())
-def _aggregate_op(
+def _aggregate_forward(
     values: Tensor,
     idx: Tensor,
     weight: Tensor,
@@ -64,23 +72,90 @@ def _aggregate_op(
     o = weight.shape[0]
     if budget < 0:
         budget = resolve_memory_budget(values.device)
-    w2 = weight.to(values.dtype).t()  # (K·C, O) view: BLAS reads it transposed, no copy
-    b2 = None if bias is None else bias.to(values.dtype)
+    w2 = _cast(weight, values.dtype).t()  # (K·C, O) view: BLAS reads it transposed, no copy
+    b2 = None if bias is None else _cast(bias, values.dtype)
     src = values.reshape(b * nk, c)
     # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
     out = values.new_empty(b, o, nq)
     for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
         g = src.index_select(0, _block_index(idx, nk, b0, b1, q0, q1)).view(-1, k, c)
         if gates is not None:
-            g.mul_(gates[b0:b1, q0:q1].reshape(-1, k, 1).to(g.dtype))
+            g.mul_(_cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), g.dtype))
         g = g.view(-1, k * c)
         res = g @ w2 if b2 is None else torch.addmm(b2, g, w2)
         out[b0:b1, :, q0:q1] = res.view(b1 - b0, q1 - q0, o).transpose(1, 2)
     return out.transpose(1, 2)
 
 
+def _aggregate_grads(
+    grad_out: Tensor,
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    gates: Tensor | None,
+    budget: int,
+    need_v: bool,
+    need_w: bool,
+    need_g: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (values, weight, gates) of :func:`_aggregate_forward`, re-gathering per block;
+    an empty tensor stands for a gradient that is not needed."""
+    b, nk, c = values.shape
+    _, nq, k = idx.shape
+    o = weight.shape[0]
+    if budget < 0:
+        budget = resolve_memory_budget(values.device)
+    grad_out = _cast(grad_out, values.dtype)
+    w = _cast(weight, values.dtype)  # (O, K·C)
+    src = values.reshape(b * nk, c)
+    grad_v = torch.zeros_like(src) if need_v else None
+    grad_w = values.new_zeros(o, k * c) if need_w else None
+    grad_g = values.new_empty(b, nq, k) if need_g else None
+    for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
+        flat = _block_index(idx, nk, b0, b1, q0, q1)
+        go = grad_out[b0:b1, q0:q1].reshape(-1, o)
+        gate = None
+        if gates is not None:
+            gate = _cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), values.dtype)
+        gathered = None
+        if need_w or need_g:
+            gathered = src.index_select(0, flat).view(-1, k, c)
+        if need_w:
+            x = gathered if gate is None else gathered * gate
+            torch.addmm(grad_w, go.t(), x.view(-1, k * c), out=grad_w)  # counted as a matmul
+        if need_v or need_g:
+            gx = (go @ w).view(-1, k, c)
+            if need_g:
+                grad_g[b0:b1, q0:q1] = (gx * gathered).sum(-1).view(b1 - b0, q1 - q0, k)
+            if need_v:
+                if gate is not None:
+                    gx = gx * gate
+                grad_v.index_add_(0, flat, gx.view(-1, c))
+    empty = values.new_empty(0)
+    return (
+        grad_v.view(b, nk, c) if need_v else empty,
+        _cast(grad_w, weight.dtype) if need_w else empty.clone(),
+        _cast(grad_g, gates.dtype) if need_g else empty.clone(),
+    )
+
+
+@torch.library.custom_op("convnn::aggregate", mutates_args=())
+def _aggregate_op(
+    values: Tensor,
+    idx: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gates: Tensor | None,
+    budget: int,
+) -> Tensor:
+    """:func:`_aggregate_forward` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _aggregate_forward(values, idx, weight, bias, gates, budget)
+
+
 @_aggregate_op.register_fake
 def _(values, idx, weight, bias, gates, budget):
+    register_flop_formulas()
     return values.new_empty(values.shape[0], weight.shape[0], idx.shape[1]).transpose(1, 2)
 
 
@@ -96,49 +171,14 @@ def _aggregate_backward_op(
     need_w: bool,
     need_g: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (values, weight, gates) of :func:`_aggregate_op`, re-gathering per block;
-    an empty tensor stands for a gradient that is not needed."""
-    b, nk, c = values.shape
-    _, nq, k = idx.shape
-    o = weight.shape[0]
-    if budget < 0:
-        budget = resolve_memory_budget(values.device)
-    grad_out = grad_out.to(values.dtype)
-    w = weight.to(values.dtype)  # (O, K·C)
-    src = values.reshape(b * nk, c)
-    grad_v = torch.zeros_like(src) if need_v else None
-    grad_w = values.new_zeros(o, k * c) if need_w else None
-    grad_g = values.new_empty(b, nq, k) if need_g else None
-    for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
-        flat = _block_index(idx, nk, b0, b1, q0, q1)
-        go = grad_out[b0:b1, q0:q1].reshape(-1, o)
-        gate = None
-        if gates is not None:
-            gate = gates[b0:b1, q0:q1].reshape(-1, k, 1).to(values.dtype)
-        gathered = None
-        if need_w or need_g:
-            gathered = src.index_select(0, flat).view(-1, k, c)
-        if need_w:
-            x = gathered if gate is None else gathered * gate
-            grad_w.addmm_(go.t(), x.view(-1, k * c))
-        if need_v or need_g:
-            gx = (go @ w).view(-1, k, c)
-            if need_g:
-                grad_g[b0:b1, q0:q1] = (gx * gathered).sum(-1).view(b1 - b0, q1 - q0, k)
-            if need_v:
-                if gate is not None:
-                    gx = gx * gate
-                grad_v.index_add_(0, flat, gx.view(-1, c))
-    empty = values.new_empty(0)
-    return (
-        grad_v.view(b, nk, c) if need_v else empty,
-        grad_w.to(weight.dtype) if need_w else empty.clone(),
-        grad_g.to(gates.dtype) if need_g else empty.clone(),
-    )
+    """:func:`_aggregate_grads` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _aggregate_grads(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g)
 
 
 @_aggregate_backward_op.register_fake
 def _(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g):
+    register_flop_formulas()
     empty = values.new_empty(0)
     return (
         values.new_empty(values.shape) if need_v else empty,
@@ -154,13 +194,13 @@ def _aggregate_setup(ctx, inputs, output) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _aggregate_backward(ctx, grad_out):
+def _aggregate_backward(ctx, grad_out, kernel=_aggregate_backward_op):
     values, idx, weight, gates = ctx.saved_tensors
     need_v, _, need_w, need_b, need_g, _ = ctx.needs_input_grad
-    grad_v, grad_w, grad_g = _aggregate_backward_op(
+    grad_v, grad_w, grad_g = kernel(
         grad_out, values, idx, weight, gates, ctx.budget, need_v, need_w, need_g
     )
-    grad_b = grad_out.sum((0, 1)).to(ctx.bias_dtype) if need_b else None
+    grad_b = _cast(grad_out.sum((0, 1)), ctx.bias_dtype) if need_b else None
     return (
         grad_v if need_v else None,
         None,
@@ -172,6 +212,20 @@ def _aggregate_backward(ctx, grad_out):
 
 
 _aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
+class _Aggregate(torch.autograd.Function):
+    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+
+    @staticmethod
+    def forward(values, idx, weight, bias, gates, budget):
+        return _aggregate_forward(values, idx, weight, bias, gates, budget)
+
+    setup_context = staticmethod(_aggregate_setup)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _aggregate_backward(ctx, grad_out, _aggregate_grads)
 
 
 def aggregate_neighbors(
@@ -205,7 +259,7 @@ def aggregate_neighbors(
         )
     budget = _op_budget(values.device, memory_budget)
     device_type = values.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         # like nn.Conv1d under autocast: the matmuls run in the autocast dtype
         low = torch.get_autocast_dtype(device_type)
         values, weight = values.to(low), weight.to(low)
@@ -214,4 +268,5 @@ def aggregate_neighbors(
     # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
     # shared by the forward and backward matmuls; no transposed copy of the whole filter.
     rows = weight.transpose(1, 2).reshape(weight.shape[0], k * weight.shape[1])
-    return _aggregate_op(values.contiguous(), idx.long(), rows, bias, gates, budget)
+    op = _aggregate_op if _use_custom_ops() else _Aggregate.apply
+    return op(values.contiguous(), idx.long(), rows, bias, gates, budget)

@@ -12,13 +12,18 @@ from torch import Tensor
 from convnn.functional.aggregation import _block_index, gather_neighbors
 from convnn.functional.budget import (
     _EPS,
+    _arange,
+    _cast,
     _check_btd,
     _chunks,
+    _no_autocast,
     _op_budget,
     _score_dtype,
+    _use_custom_ops,
     canonical_magnitude,
     resolve_memory_budget,
 )
+from convnn.functional.flops import register_flop_formulas
 
 __all__ = [
     "ATTEND_MODES",
@@ -36,9 +41,9 @@ def selected_scores(queries: Tensor, keys: Tensor, idx: Tensor, magnitude_type: 
     Used for attention weights: gradients reach queries and keys without the dense matrix.
     """
     mt = canonical_magnitude(magnitude_type)
-    with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = queries.to(_score_dtype(queries.dtype))
-        k = gather_neighbors(keys.to(_score_dtype(keys.dtype)), idx)  # (B, Nq, K, D)
+    with _no_autocast(queries.device):
+        q = _cast(queries, _score_dtype(queries.dtype))
+        k = gather_neighbors(_cast(keys, _score_dtype(keys.dtype)), idx)  # (B, Nq, K, D)
         if mt == "euclidean":
             return -(q.unsqueeze(2) - k).pow(2).sum(-1)
         if mt == "cosine":
@@ -55,8 +60,8 @@ def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: tor
     """Per-row filter of batch rows b0:b1 (row r belongs to head r mod ``heads``)."""
     if weight is None:
         return None, None
-    which = torch.arange(b0, b1, device=weight.device).remainder_(heads)
-    return which, weight.index_select(0, which).to(dtype)
+    which = _arange(b0, b1, device=weight.device).remainder(heads)
+    return which, _cast(weight.index_select(0, which), dtype)
 
 
 #: Added to the distance in the raw euclidean attention weights 1 / (‖q − k‖ + eps), as the
@@ -114,8 +119,7 @@ def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     return flat, qb, kg, g, gm, vg, which, w
 
 
-@torch.library.custom_op("convnn::attend", mutates_args=())
-def _attend_op(
+def _attend_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -141,7 +145,7 @@ def _attend_op(
         _, _, _, _, gm, vg, _, w = _attend_block(
             q, k, v, idx, mask, weight, heads, metric, softmax, blk
         )
-        gv = gm.to(v.dtype).unsqueeze(-2)  # (nb, nq, 1, K)
+        gv = _cast(gm, v.dtype).unsqueeze(-2)  # (nb, nq, 1, K)
         if mode == "sum":
             res = (gv @ vg).squeeze(-2)
         elif mode == "depthwise":
@@ -153,8 +157,98 @@ def _attend_op(
     return out
 
 
+def _attend_grads(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (q, k, v, weight) of :func:`_attend_forward`; gathers are recomputed per block.
+    An empty tensor stands for the weight gradient when there is no weight."""
+    bh, nq, kk = idx.shape
+    d, dv = q.shape[-1], v.shape[-1]
+    o = grad_out.shape[-1]
+    if budget < 0:
+        budget = resolve_memory_budget(v.device)
+    grad_out = _cast(grad_out, v.dtype)
+    grad_q = torch.empty_like(q)
+    grad_k = torch.zeros(k.shape[0] * k.shape[1], d, dtype=k.dtype, device=k.device)
+    grad_v = torch.zeros(v.shape[0] * v.shape[1], dv, dtype=v.dtype, device=v.device)
+    grad_w = None if weight is None else torch.zeros(weight.shape, dtype=v.dtype, device=v.device)
+    per_query = (kk * (2 * d * q.element_size() + 3 * dv * v.element_size()) + o * 4) * 2
+    for blk in _chunks(bh, nq, per_query, budget):
+        b0, b1, q0, q1 = blk
+        nb, nqb = b1 - b0, q1 - q0
+        flat, qb, kg, g, gm, vg, which, w = _attend_block(
+            q, k, v, idx, mask, weight, heads, metric, softmax, blk
+        )
+        go = grad_out[b0:b1, q0:q1]
+        gv = _cast(gm, v.dtype)
+        if mode == "sum":
+            grad_gm = (vg @ go.unsqueeze(-1)).squeeze(-1)
+            grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
+        elif mode == "depthwise":
+            t = gv.unsqueeze(-1) * go.unsqueeze(2)  # (nb, nq, K, dv)
+            grad_w.index_add_(0, which, (t * vg).sum(1))
+            grad_gm = (vg.mul_(w.unsqueeze(1)) @ go.unsqueeze(-1)).squeeze(-1)
+            grad_vg = t.mul_(w.unsqueeze(1))
+        else:
+            x = (vg * gv.unsqueeze(-1)).view(nb, nqb, kk * dv)
+            grad_w.index_add_(0, which, torch.bmm(x.transpose(1, 2), go))
+            gx = torch.bmm(go, w.transpose(1, 2)).view(nb, nqb, kk, dv)
+            grad_gm = (gx * vg).sum(-1)
+            grad_vg = gx.mul_(gv.unsqueeze(-1))
+        grad_v.index_add_(0, flat, grad_vg.reshape(-1, dv))
+        grad_g = _cast(grad_gm, g.dtype)
+        if mask is not None:
+            grad_g = grad_g * mask[b0:b1, q0:q1]
+        if metric == "dot":
+            if softmax:
+                grad_s = g * (grad_g - (grad_g * g).sum(-1, keepdim=True))
+            else:
+                grad_s = grad_g
+            grad_q[b0:b1, q0:q1] = (grad_s.unsqueeze(-2) @ kg).squeeze(-2)
+            grad_kg = grad_s.unsqueeze(-1) * qb.unsqueeze(2)
+        else:
+            diff = qb.unsqueeze(2) - kg  # s = -‖diff‖²: ds/dq = -2·diff, ds/dk = 2·diff
+            grad_s = _distance_score_grad(diff.pow(2).sum(-1), g, grad_g, softmax)
+            grad_kg = diff.mul_(grad_s.unsqueeze(-1) * 2.0)
+            grad_q[b0:b1, q0:q1] = grad_kg.sum(2).neg_()
+        grad_k.index_add_(0, flat, grad_kg.reshape(-1, d))
+    grad_w = v.new_empty(0) if grad_w is None else _cast(grad_w, weight.dtype)
+    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_w
+
+
+@torch.library.custom_op("convnn::attend", mutates_args=())
+def _attend_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+) -> Tensor:
+    """:func:`_attend_forward` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _attend_forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+
+
 @_attend_op.register_fake
 def _(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+    register_flop_formulas()
     o = weight.shape[-1] if mode == "standard" else v.shape[-1]
     return v.new_empty(idx.shape[0], idx.shape[1], o)
 
@@ -174,64 +268,14 @@ def _attend_backward_op(
     mode: str,
     budget: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (q, k, v, weight) of :func:`_attend_op`; gathers are recomputed per block.
-    An empty tensor stands for the weight gradient when there is no weight."""
-    bh, nq, kk = idx.shape
-    d, dv = q.shape[-1], v.shape[-1]
-    o = grad_out.shape[-1]
-    if budget < 0:
-        budget = resolve_memory_budget(v.device)
-    grad_out = grad_out.to(v.dtype)
-    grad_q = torch.empty_like(q)
-    grad_k = torch.zeros(k.shape[0] * k.shape[1], d, dtype=k.dtype, device=k.device)
-    grad_v = torch.zeros(v.shape[0] * v.shape[1], dv, dtype=v.dtype, device=v.device)
-    grad_w = None if weight is None else torch.zeros(weight.shape, dtype=v.dtype, device=v.device)
-    per_query = (kk * (2 * d * q.element_size() + 3 * dv * v.element_size()) + o * 4) * 2
-    for blk in _chunks(bh, nq, per_query, budget):
-        b0, b1, q0, q1 = blk
-        nb, nqb = b1 - b0, q1 - q0
-        flat, qb, kg, g, gm, vg, which, w = _attend_block(
-            q, k, v, idx, mask, weight, heads, metric, softmax, blk
-        )
-        go = grad_out[b0:b1, q0:q1]
-        gv = gm.to(v.dtype)
-        if mode == "sum":
-            grad_gm = (vg @ go.unsqueeze(-1)).squeeze(-1)
-            grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
-        elif mode == "depthwise":
-            t = gv.unsqueeze(-1) * go.unsqueeze(2)  # (nb, nq, K, dv)
-            grad_w.index_add_(0, which, (t * vg).sum(1))
-            grad_gm = (vg.mul_(w.unsqueeze(1)) @ go.unsqueeze(-1)).squeeze(-1)
-            grad_vg = t.mul_(w.unsqueeze(1))
-        else:
-            x = (vg * gv.unsqueeze(-1)).view(nb, nqb, kk * dv)
-            grad_w.index_add_(0, which, torch.bmm(x.transpose(1, 2), go))
-            gx = torch.bmm(go, w.transpose(1, 2)).view(nb, nqb, kk, dv)
-            grad_gm = (gx * vg).sum(-1)
-            grad_vg = gx.mul_(gv.unsqueeze(-1))
-        grad_v.index_add_(0, flat, grad_vg.reshape(-1, dv))
-        grad_g = grad_gm.to(g.dtype)
-        if mask is not None:
-            grad_g = grad_g * mask[b0:b1, q0:q1]
-        if metric == "dot":
-            if softmax:
-                grad_s = g * (grad_g - (grad_g * g).sum(-1, keepdim=True))
-            else:
-                grad_s = grad_g
-            grad_q[b0:b1, q0:q1] = (grad_s.unsqueeze(-2) @ kg).squeeze(-2)
-            grad_kg = grad_s.unsqueeze(-1) * qb.unsqueeze(2)
-        else:
-            diff = qb.unsqueeze(2) - kg  # s = -‖diff‖²: ds/dq = -2·diff, ds/dk = 2·diff
-            grad_s = _distance_score_grad(diff.pow(2).sum(-1), g, grad_g, softmax)
-            grad_kg = diff.mul_(grad_s.unsqueeze(-1) * 2.0)
-            grad_q[b0:b1, q0:q1] = grad_kg.sum(2).neg_()
-        grad_k.index_add_(0, flat, grad_kg.reshape(-1, d))
-    grad_w = v.new_empty(0) if grad_w is None else grad_w.to(weight.dtype)
-    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_w
+    """:func:`_attend_grads` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _attend_grads(grad_out, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
 
 
 @_attend_backward_op.register_fake
 def _(grad_out, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+    register_flop_formulas()
     grad_w = v.new_empty(0) if weight is None else weight.new_empty(weight.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_w
 
@@ -242,15 +286,29 @@ def _attend_setup(ctx, inputs, output) -> None:
     ctx.args = (heads, metric, softmax, mode, budget)
 
 
-def _attend_backward(ctx, grad_out):
+def _attend_backward(ctx, grad_out, kernel=_attend_backward_op):
     q, k, v, idx, mask, weight = ctx.saved_tensors
-    grads = _attend_backward_op(grad_out, q, k, v, idx, mask, weight, *ctx.args)
+    grads = kernel(grad_out, q, k, v, idx, mask, weight, *ctx.args)
     need = ctx.needs_input_grad
     gq, gk, gv, gw = (g if need[i] else None for i, g in zip((0, 1, 2, 5), grads, strict=True))
     return gq, gk, gv, None, None, gw, None, None, None, None, None
 
 
 _attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
+
+
+class _Attend(torch.autograd.Function):
+    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+
+    @staticmethod
+    def forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+        return _attend_forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+
+    setup_context = staticmethod(_attend_setup)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _attend_backward(ctx, grad_out, _attend_grads)
 
 
 def gate_dropout_mask(
@@ -296,18 +354,19 @@ def attend_neighbors(
         raise ValueError(f"mode={mode!r} is not supported; choose one of {ATTEND_MODES}")
     if (weight is None) != (mode == "sum"):
         raise ValueError(f"mode={mode!r} {'takes no' if mode == 'sum' else 'needs a'} weight")
-    with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = queries.to(_score_dtype(queries.dtype))
-        k = keys.to(_score_dtype(keys.dtype))
+    with _no_autocast(queries.device):
+        q = _cast(queries, _score_dtype(queries.dtype))
+        k = _cast(keys, _score_dtype(keys.dtype))
         if mt == "cosine":
             q, k = F.normalize(q, dim=-1, eps=_EPS), F.normalize(k, dim=-1, eps=_EPS)
         elif mt == "matmul":
             q = q / math.sqrt(q.shape[-1])
         if gate_mask is not None:
-            gate_mask = gate_mask.to(q.dtype)
+            gate_mask = _cast(gate_mask, q.dtype)
         budget = _op_budget(values.device, memory_budget)
         metric = "dist" if mt == "euclidean" else "dot"
-        return _attend_op(
+        attend = _attend_op if _use_custom_ops() else _Attend.apply
+        return attend(
             q.contiguous(),
             k.contiguous(),
             values.contiguous(),

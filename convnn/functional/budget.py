@@ -3,11 +3,12 @@ memory budget that sizes every work block of the search, aggregation and attenti
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -65,9 +66,10 @@ def _prepare(x: Tensor, magnitude_type: str, *, is_query: bool) -> Tensor:
     Contiguous output: one memory layout, hence one matmul kernel and one rounding, however the
     caller built ``x`` (expanded coordinates, transposed views, ...).
     """
-    x = x.to(_score_dtype(x.dtype)).contiguous()
+    x = _cast(x, _score_dtype(x.dtype)).contiguous()
     if magnitude_type == "cosine":
-        return F.normalize(x, dim=-1, eps=_EPS)
+        # F.normalize's arithmetic (x / max(||x||, eps)) in 3 ops instead of 7
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(_EPS)
     if magnitude_type == "matmul" and is_query:
         return x / math.sqrt(x.shape[-1])
     return x
@@ -96,7 +98,7 @@ def pairwise_scores(queries: Tensor, keys: Tensor, magnitude_type: str) -> Tenso
     mt = canonical_magnitude(magnitude_type)
     _check_btd("queries", queries)
     _check_btd("keys", keys)
-    with torch.autocast(device_type=queries.device.type, enabled=False):
+    with _no_autocast(queries.device):
         q = _prepare(queries, mt, is_query=True)
         return _scores_prepared(q, _prepare(keys, mt, is_query=False), mt)
 
@@ -151,3 +153,49 @@ def _op_budget(device: torch.device, budget: int | None) -> int:
     if torch.compiler.is_compiling():
         return -1
     return resolve_memory_budget(device)
+
+
+#: Eager calls take the ``torch.library`` custom ops too when ``True`` (tests compare the paths).
+_FORCE_CUSTOM_OPS: bool = False
+
+
+def _use_custom_ops() -> bool:
+    """Whether the search/aggregation/attention go through their ``torch.library`` custom ops.
+
+    Only while ``torch.compile`` traces (the ops keep the graph whole, with fake kernels and
+    FLOP formulas); eager calls run the same kernels as plain functions and
+    ``autograd.Function`` s, which skip the custom-op dispatch (~0.4 ms per call) and the
+    ``torch._dynamo`` import that the first custom-op call pays (~1 s, ~150 MiB).
+    """
+    return _FORCE_CUSTOM_OPS or torch.compiler.is_compiling()
+
+
+def _arange(start: int, end: int | None = None, *, device: torch.device, scale: int = 1) -> Tensor:
+    """``torch.arange(start, end) * scale`` (int64) on ``device``.
+
+    Eager: one shared constant per (range, device), built once (no per-call allocation and
+    launch); never modify it in place. While compiling: a fresh arange, a constant of the graph.
+    """
+    if end is None:
+        start, end = 0, start
+    if torch.compiler.is_compiling():
+        return torch.arange(start * scale, end * scale, scale, device=device)
+    return _cached_arange(start * scale, end * scale, scale, torch.device(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
+    return torch.arange(start, end, step, device=device)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the (no-op) dispatch when it already has that dtype."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``; a no-op on ``meta`` (no autocast there: shape-only runs,
+    such as the check that a step creates no host tensor, go through the same code)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)

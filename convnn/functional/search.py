@@ -9,15 +9,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convnn.functional.budget import (
+    _arange,
     _check_btd,
     _chunks,
+    _no_autocast,
     _op_budget,
     _prepare,
     _scores_prepared,
+    _use_custom_ops,
     canonical_magnitude,
     resolve_memory_budget,
 )
-from convnn.functional.topk import _TIE_BYTES, _ordered_topk, _search_width, _tie_columns
+from convnn.functional.flops import register_flop_formulas
+from convnn.functional.topk import (
+    _TIE_BYTES,
+    _ascending,
+    _ordered_topk,
+    _search_width,
+    _tie_columns,
+)
 
 __all__ = [
     "knn_search",
@@ -92,7 +102,8 @@ def knn_search(
         )
     budget = _op_budget(queries.device, memory_budget)
     shared = queries is keys
-    return torch.ops.convnn.knn_search(
+    search = _knn_search_op if _use_custom_ops() else _knn_search_blocked
+    return search(
         queries.detach(),
         keys.detach(),
         K,
@@ -105,8 +116,7 @@ def knn_search(
     )
 
 
-@torch.library.custom_op("convnn::knn_search", mutates_args=())
-def _knn_search_op(
+def _knn_search_blocked(
     queries: Tensor,
     keys: Tensor,
     K: int,
@@ -125,18 +135,21 @@ def _knn_search_op(
     if budget < 0:
         budget = resolve_memory_budget(device)
     if query_positions is None:
-        query_positions = torch.arange(nq, device=device)
+        query_positions = _arange(nq, device=device)
     else:
-        query_positions = query_positions.to(device=device, dtype=torch.long)
+        if query_positions.device != device or query_positions.dtype != torch.long:
+            query_positions = query_positions.to(device=device, dtype=torch.long)
     if candidates is not None:
-        candidates = torch.sort(candidates.to(device=device, dtype=torch.long).flatten()).values
+        if candidates.device != device or candidates.dtype != torch.long:
+            candidates = candidates.to(device=device, dtype=torch.long)
+        candidates = _ascending(candidates.flatten())
     m = nk if candidates is None else candidates.numel()
     out = torch.empty(b, nq, K, dtype=torch.long, device=device)
     if include_self:
         out[..., 0] = query_positions
         if K == 1:
             return out
-    with torch.autocast(device_type=device.type, enabled=False):
+    with _no_autocast(device):
         kp = _prepare(keys, mt, is_query=False)
         qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
         if candidates is not None:
@@ -149,7 +162,7 @@ def _knn_search_op(
             # a spare -inf column, so that one index write per row replaces a mask pass
             columns = m + 1
             at = torch.searchsorted(candidates, query_positions).clamp_(max=m - 1)
-            self_cols = torch.where(candidates[at] == query_positions, at, m)
+            self_cols = at.masked_fill_(candidates.index_select(0, at) != query_positions, m)
         width = _search_width(columns, k_sel)
         if width > m:  # zero keys whose scores become -inf: whole blocks for _exact_topk
             kp = F.pad(kp, (0, 0, 0, width - m))
@@ -164,10 +177,30 @@ def _knn_search_op(
             else:
                 sel = _ordered_topk(scores, K)
                 dst = out[b0:b1, q0:q1]
-            dst.copy_(sel if candidates is None else cand_cols[sel])
+            dst.copy_(sel if candidates is None else cand_cols.take(sel))
     return out
+
+
+@torch.library.custom_op("convnn::knn_search", mutates_args=())
+def _knn_search_op(
+    queries: Tensor,
+    keys: Tensor,
+    K: int,
+    magnitude_type: str,
+    candidates: Tensor | None,
+    query_positions: Tensor | None,
+    include_self: bool,
+    budget: int,
+    shared: bool,
+) -> Tensor:
+    """:func:`_knn_search_blocked` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _knn_search_blocked(
+        queries, keys, K, magnitude_type, candidates, query_positions, include_self, budget, shared
+    )
 
 
 @_knn_search_op.register_fake
 def _(queries, keys, K, magnitude_type, candidates, query_positions, include_self, budget, shared):
+    register_flop_formulas()
     return queries.new_empty(queries.shape[0], queries.shape[1], K, dtype=torch.long)

@@ -8,10 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convnn.functional.budget import _arange
+
 __all__: list[str] = []  # private helpers only; the search and the layers use them
 
 _TIE_CHUNK = 32  # columns per chunk when locating the lowest-index ties
 _TIE_BYTES = 24  # per element of a gathered tie chunk (int64 columns, counts, masks)
+
+
+def _ascending(idx: Tensor) -> Tensor:
+    """``idx.sort(dim=-1).values`` as one ``topk`` (1 op instead of the sort's 8)."""
+    return idx.topk(idx.shape[-1], dim=-1, largest=False, sorted=True).values
 
 
 def _tie_columns(m: int, k: int) -> int:
@@ -39,7 +46,7 @@ def _nth_true(mask: Tensor, nth: Tensor) -> Tensor:
     total = counts.cumsum(-1, dtype=torch.int32)
     chunk = torch.searchsorted(total, nth).clamp_(max=total.shape[-1] - 1)
     before = torch.where(chunk > 0, total.gather(-1, (chunk - 1).clamp_(min=0)), 0)
-    cols = chunk.unsqueeze(-1) * size + torch.arange(size, device=mask.device)
+    cols = chunk.unsqueeze(-1) * size + _arange(size, device=mask.device)
     valid = cols < m
     inside = mask.gather(-1, cols.clamp_(max=m - 1).flatten(-2)).view(cols.shape) & valid
     rank = (nth - before).unsqueeze(-1)
@@ -60,7 +67,7 @@ def _keyed_topk(scores: Tensor, k: int) -> Tensor:
     m = scores.shape[-1]
     bits = (scores + 0.0).view(torch.int32)
     key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64).bitwise_left_shift_(16)
-    key.bitwise_or_(65535 - torch.arange(m, device=scores.device))
+    key.bitwise_or_(_arange(-65535, m - 65535, device=scores.device, scale=-1))  # 65535 - col
     return key.topk(k, dim=-1, largest=True, sorted=True).indices
 
 
@@ -74,10 +81,10 @@ def _repaired_topk(scores: Tensor, k: int, *, ordered: bool = True) -> Tensor:
     vals, idx = scores.topk(k, dim=-1, largest=True, sorted=True)
     bound = vals[..., k - 1 :]
     above = (vals > bound).sum(-1, keepdim=True)  # these slots are exact already
-    slot = torch.arange(k, device=scores.device)
+    slot = _arange(k, device=scores.device)
     nth_tie = (slot - above).clamp_(min=0).add_(1).to(torch.int32)
     idx = torch.where(slot < above, idx, _nth_true(scores == bound, nth_tie))
-    idx = idx.sort(dim=-1).values
+    idx = _ascending(idx)
     if not ordered:
         return idx
     # equal values above the boundary: lower index first
@@ -90,7 +97,7 @@ def _direct_topk(scores: Tensor, k: int, *, ordered: bool = True) -> Tensor:
     ascending index order with ``ordered=False``."""
     if scores.dtype == torch.float32 and scores.shape[-1] <= _KEYED_MAX_WIDTH:
         idx = _keyed_topk(scores, k)
-        return idx if ordered else idx.sort(dim=-1).values
+        return idx if ordered else _ascending(idx)
     return _repaired_topk(scores, k, ordered=ordered)
 
 
@@ -135,7 +142,7 @@ def _exact_topk(scores: Tensor, k: int, *, ordered: bool = True) -> Tensor:
     rows, nb = math.prod(lead), scores.shape[-1] // width
     blocks = scores.reshape(rows, nb, width)
     best = _exact_topk(blocks.amax(-1), k, ordered=False)  # (rows, k), ascending block ids
-    flat = (best + torch.arange(rows, device=best.device).mul_(nb).unsqueeze(1)).flatten()
+    flat = (best + _arange(rows, device=best.device, scale=nb).unsqueeze(1)).flatten()
     cand = blocks.reshape(rows * nb, width).index_select(0, flat).view(rows, k * width)
     pos = _exact_topk(cand, k, ordered=ordered)  # candidate columns ascend with key index
     return (best.gather(-1, pos.div(width, rounding_mode="floor")) * width + pos % width).view(
@@ -151,6 +158,6 @@ def _ordered_topk(scores: Tensor, k: int, *, self_cols: Tensor | None = None) ->
     """
     scores.nan_to_num_(nan=torch.finfo(scores.dtype).min, posinf=math.inf, neginf=-math.inf)
     if self_cols is not None:
-        rows = torch.arange(self_cols.shape[0], device=scores.device)
-        scores[:, rows, self_cols] = -math.inf
+        cols = self_cols.view(1, -1, 1).expand(scores.shape[0], -1, 1)
+        scores.scatter_(2, cols, -math.inf)
     return _exact_topk(scores, k)
