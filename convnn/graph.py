@@ -39,6 +39,7 @@ __all__ = [
     "GrapherConv2d",
     "GrapherMixer",
     "MRConv2d",
+    "act_layer",
     "relative_position_bias",
 ]
 
@@ -48,8 +49,8 @@ GRAPH_NORMS: tuple[str, ...] = ("batch", "instance")
 _GROUPS = 4  # the original's 1×1 graph-convolution filters are grouped in 4
 
 
-def _activation(act: str) -> nn.Module:
-    """The original ``act_layer`` (negative slope 0.2 for leaky ReLU and PReLU)."""
+def act_layer(act: str) -> nn.Module:
+    """The activation named ``act`` as the original builds it (slope 0.2 for leaky ReLU, PReLU)."""
     name = act.lower()
     if name == "relu":
         return nn.ReLU()
@@ -96,7 +97,7 @@ class BasicConv(nn.Sequential):
             if not _is_off(norm):
                 mods.append(_norm(norm, channels[-1]))
             if not _is_off(act):
-                mods.append(_activation(act))
+                mods.append(act_layer(act))
         super().__init__(*mods)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
