@@ -68,17 +68,23 @@ def _kmeans_plus_plus(points: Tensor, n_clusters: int, g: torch.Generator) -> Te
     """k-means++ seeding: each next centre drawn with probability ∝ squared distance to the
     nearest centre so far."""
     n = points.shape[0]
+    sq = points.pow(2).sum(1)
+
+    def dist2(i: int) -> Tensor:  # ‖x − x_i‖² for every point, via one matrix-vector product
+        return (sq - 2.0 * (points @ points[i]) + sq[i]).clamp_min_(0.0)
+
     first = int(torch.randint(n, (1,), generator=g))
     centres = [points[first]]
-    d2 = (points - points[first]).pow(2).sum(1)
+    d2 = dist2(first)
     for _ in range(1, n_clusters):
-        weights = d2.double().cpu()
-        if float(weights.sum()) <= 0:  # fewer distinct points than clusters: any point
+        cdf = d2.double().cumsum(0)
+        u = torch.rand((), generator=g, dtype=torch.float64) * cdf[-1]
+        # inverse-CDF draw; all distances 0 (fewer distinct points than clusters): any point
+        nxt = int(torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1))
+        if cdf[-1] <= 0:
             nxt = int(torch.randint(n, (1,), generator=g))
-        else:
-            nxt = int(torch.multinomial(weights, 1, generator=g))
         centres.append(points[nxt])
-        d2 = torch.minimum(d2, (points - points[nxt]).pow(2).sum(1))
+        d2 = torch.minimum(d2, dist2(nxt))
     return torch.stack(centres).clone()
 
 
@@ -210,7 +216,8 @@ class PatchKNN(nn.Module):
         bound = 1.0 / math.sqrt(dim)
         self.register_buffer("centroids", torch.empty(n_clusters, dim).uniform_(-bound, bound))
         self.register_buffer("whitening", torch.eye(dim))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # 1.0 once the dictionary stage ran (float: weight-averaging callbacks average buffers)
+        self.register_buffer("fitted", torch.zeros(()))
         self.conv = (
             nn.Conv2d(in_channels, n_clusters, patch_size, stride, padding)
             if embedding == "full"
@@ -257,7 +264,7 @@ class PatchKNN(nn.Module):
     @property
     def needs_data_stage(self) -> bool:
         """Whether the dictionary still has to be computed from data."""
-        return not bool(self.fitted)
+        return bool(self.fitted < 0.5)
 
     def data_stage(
         self, batches: Iterable[Any], num_images: int, *, progress: bool = True
@@ -338,4 +345,4 @@ class PatchKNN(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(state["centroids"])
             self.whitening.copy_(state["whitening"])
-            self.fitted.fill_(True)
+            self.fitted.fill_(1.0)
