@@ -272,8 +272,8 @@ class DyGraphConv2d(nn.Module):
                 f"kernel_size={self.k} × dilation={self.d} = {reach} neighbours but only "
                 f"{keys.shape[1]} tokens to choose from; lower kernel_size or dilation"
             )
-        extra = {} if relative_pos is None else {"score_bias": -relative_pos}
-        idx = knn_search(queries, keys, reach, "euclidean", include_self=False, **extra)
+        bias = None if relative_pos is None else -relative_pos
+        idx = knn_search(queries, keys, reach, "euclidean", include_self=False, score_bias=bias)
         if self.stochastic and self.training and torch.rand(1) < self.epsilon:
             return idx[..., torch.randperm(reach, device=idx.device)[: self.k]]
         return idx[..., :: self.d]

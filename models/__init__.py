@@ -5,7 +5,16 @@ Importing ``models`` registers every backbone: a new one is a module here with a
 LightningModule lives in :mod:`models.module` and is imported only where it is used.
 """
 
-from models import ccnn, convnext, resnet, simple, vgg, vit  # noqa: F401  (registers the backbones)
+from models import (  # noqa: F401  (registers the backbones)
+    ccnn,
+    convnext,
+    patch_knn,
+    resnet,
+    simple,
+    vgg,
+    vig,
+    vit,
+)
 from models.registry import (
     BACKBONES,
     Backbone,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from convnn.functional import knn_search
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = [
     "DICTIONARIES",
@@ -116,6 +117,7 @@ def kmeans(
     return centroids
 
 
+@register_backbone
 class PatchKNN(nn.Module):
     """Patch-dictionary kNN network; defaults are the paper's CIFAR-10 Φ_full setting.
 

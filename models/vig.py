@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from convnn.graph import GRAPH_ACTIVATIONS, DropPath, Grapher, act_layer
 from models.layer_factory import LayerFactory
+from models.registry import register_backbone
 
 __all__ = ["FFN", "ViG", "ViGStem"]
 
@@ -60,6 +61,7 @@ class ViGStem(nn.Module):
         return self.convs(x)
 
 
+@register_backbone
 class ViG(nn.Module):
     """Isotropic Vision GNN; ``net=vig_ti`` is ViG-Ti (dim 192, 12 blocks, k 9 → 18) sized for
     32×32 images (stem stride 4: an 8×8 token grid).
