@@ -34,6 +34,7 @@ from models.registry import register_backbone
 __all__ = [
     "DICTIONARIES",
     "EMBEDDINGS",
+    "KMEANS_BACKENDS",
     "WHITENINGS",
     "PatchKNN",
     "kmeans",
@@ -89,15 +90,30 @@ def _kmeans_plus_plus(points: Tensor, n_clusters: int, g: torch.Generator) -> Te
     return torch.stack(centres).clone()
 
 
+KMEANS_BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
+
+
 def kmeans(
-    points: Tensor, n_clusters: int, *, iters: int = 25, seed: int = 0, progress: bool = False
+    points: Tensor,
+    n_clusters: int,
+    *,
+    iters: int = 25,
+    seed: int = 0,
+    progress: bool = False,
+    backend: str = "auto",
 ) -> Tensor:
-    """(n_clusters, D) k-means centroids of (N, D) ``points``: faiss when installed, else Lloyd's
-    algorithm in torch from seeded k-means++ seeding (empty clusters restart at random points)."""
-    try:
-        import faiss  # the optional extra (pip install convnn-lab[faiss])
-    except ImportError:
-        faiss = None
+    """(n_clusters, D) k-means centroids of (N, D) ``points``: ``faiss`` (``auto``: when
+    installed), else Lloyd's algorithm in torch from seeded k-means++ seeding (empty clusters
+    restart at random points)."""
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {KMEANS_BACKENDS}")
+    faiss = None
+    if backend != "torch":
+        try:
+            import faiss  # the optional extra (pip install -e ".[faiss]")
+        except ImportError:
+            if backend == "faiss":
+                raise
     if faiss is not None:
         km = faiss.Kmeans(points.shape[1], n_clusters, niter=iters, seed=seed)
         km.train(points.detach().cpu().float().contiguous().numpy())

@@ -143,10 +143,24 @@ def test_kmeans_recovers_separated_clusters():
     g = torch.Generator().manual_seed(1)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     points = centres.repeat(50, 1) + 0.1 * torch.randn(150, 2, generator=g)
-    found = kmeans(points, 3, iters=10, seed=0)
+    found = kmeans(points, 3, iters=10, seed=0, backend="torch")
     dist = torch.cdist(found, centres)
     assert torch.all(dist.min(dim=1).values < 0.2)
     assert sorted(dist.argmin(dim=1).tolist()) == [0, 1, 2]
+    assert torch.equal(found, kmeans(points, 3, iters=10, seed=0, backend="torch"))
+
+
+def test_kmeans_through_faiss_when_installed():
+    """Catches: a faiss call with the wrong layout or dtype (the optional extra)."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = centres.repeat(50, 1) + 0.1 * torch.randn(150, 2, generator=g)
+    found = kmeans(points, 3, iters=10, seed=0, backend="faiss")
+    assert found.shape == (3, 2) and found.dtype == points.dtype
+    label = torch.cdist(points, found).argmin(dim=1)  # a k-means fixed point: centroid = mean
+    for j in label.unique():
+        torch.testing.assert_close(found[j], points[label == j].mean(0), atol=1e-4, rtol=0)
 
 
 def test_dictionary_stage_is_seeded_and_stored_in_the_state_dict():
