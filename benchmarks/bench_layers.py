@@ -8,7 +8,9 @@ Compares, in one run and at the same shapes:
   B×N×N cosine score matrix, top-K with self forced to slot 0 (the diagonal is filled with a
   winning value), the input expanded to (B, C, N, K) and copied, gathered, then aggregated by a
   stride-K ``nn.Conv1d(C, O, K, stride=K)``;
-* a 3×3 ``nn.Conv2d`` with padding 1.
+* a 3×3 ``nn.Conv2d`` with padding 1;
+* ViG's ``Grapher`` block (C → C, edge graph convolution over the K nearest of all tokens by
+  L2-normalised features): the best-known feature-space kNN layer, for reference.
 
 Every case runs in a **fresh subprocess**, so that its peak memory is its own:
 
@@ -64,9 +66,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT_MARK = "BENCH_RESULT_JSON "
 MIB = 1024**2
 GIB = 1024**3
-LAYER_KINDS = ("conv2d", "straightforward", "convnn", "attention", "ckconv", "flexconv")
+LAYER_KINDS = ("conv2d", "straightforward", "convnn", "attention", "ckconv", "flexconv", "grapher")
 #: Kinds without a neighbour search: one case per shape, no sampling types.
-PLAIN_KINDS = ("conv2d", "straightforward", "ckconv", "flexconv")
+PLAIN_KINDS = ("conv2d", "straightforward", "ckconv", "flexconv", "grapher")
 SAMPLINGS = ("all", "random", "spatial")
 KIND_LABEL = {
     "conv2d": "nn.Conv2d 3×3",
@@ -75,6 +77,7 @@ KIND_LABEL = {
     "attention": "Conv2dNNAttention",
     "ckconv": "CKConv2d separable 33×33 (CCNN)",
     "flexconv": "FlexConv2d separable 33×33, cropped (CCNN)",
+    "grapher": "ViG Grapher (edge)",
 }
 
 
@@ -98,7 +101,7 @@ class Case:
     def name(self) -> str:
         """Human-readable case name (layer + sampling)."""
         label = KIND_LABEL[self.kind]
-        if self.kind in ("conv2d", "ckconv", "flexconv"):
+        if self.kind in ("conv2d", "ckconv", "flexconv", "grapher"):
             return label
         if self.kind == "straightforward":
             return f"{label}, all"
@@ -210,6 +213,8 @@ def build_module(case: Case) -> nn.Module:
     if case.kind in ("ckconv", "flexconv"):  # CCNN's image setting (CCNN-4,140's kernel flags)
         cont = convnn.CKConv2d if case.kind == "ckconv" else convnn.FlexConv2d
         return cont(case.channels, case.out_channels, kernel_size=33, separable=True)
+    if case.kind == "grapher":  # the whole Grapher block (C → C), edge convolution, k = K
+        return convnn.Grapher(case.channels, kernel_size=case.K)
     cls = convnn.Conv2dNN if case.kind == "convnn" else convnn.Conv2dNNAttention
     return cls(
         case.channels,

@@ -11,6 +11,7 @@ from convnn.attention import (
 from convnn.branching import Branching, BranchingMixer
 from convnn.checkpoints import from_convnn_attention_state_dict
 from convnn.continuous import CKConv2d, FlexConv2d, from_ccnn_state_dict
+from convnn.graph import Grapher, GrapherConv2d, GrapherMixer
 from convnn.layers import (
     AGGREGATION_TYPES,
     SHUFFLE_PATTERNS,
@@ -71,6 +72,9 @@ __all__ = [
     "ConvNNAttention",
     "ConvNNBase",
     "FlexConv2d",
+    "Grapher",
+    "GrapherConv2d",
+    "GrapherMixer",
     "KNNAttention",
     "LayerSpec",
     "LocalAttention",

@@ -18,6 +18,7 @@ from torch import nn
 from convnn.attention import Conv1dNNAttention, Conv2dNNAttention, ConvNNAttention
 from convnn.branching import Branching, BranchingMixer
 from convnn.continuous import CKConv2d, FlexConv2d
+from convnn.graph import GrapherConv2d, GrapherMixer
 from convnn.layers import Conv1dNN, Conv2dNN
 from convnn.mixers import (
     Attention2d,
@@ -152,6 +153,7 @@ LAYERS: Mapping[str, LayerSpec] = {
     "kvt": LayerSpec(conv2d=None, tokens=KNNAttention),
     "local_attention": LayerSpec(conv2d=None, tokens=LocalAttention),
     "sparse_attention": LayerSpec(conv2d=None, tokens=SparseAttention),
+    "vig": LayerSpec(conv2d=GrapherConv2d, tokens=GrapherMixer),
 }
 
 

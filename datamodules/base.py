@@ -204,6 +204,7 @@ class BaseDataModule(pl.LightningDataModule):
         self.cutmix_alpha = float(cutmix_alpha)
         self._mixer: BatchMixer | None = None
         self.train_set: Dataset | None = None
+        self.train_eval_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
@@ -270,6 +271,7 @@ class BaseDataModule(pl.LightningDataModule):
             full_eval = self.build_train(self.eval_transform())
             train_idx, val_idx = self.train_val_indices(full_train)
             self.train_set = Subset(full_train, train_idx)
+            self.train_eval_set = Subset(full_eval, train_idx)
             self.val_set = Subset(full_eval, val_idx)
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self.build_test(self.eval_transform())
@@ -324,6 +326,12 @@ class BaseDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled in an order fixed by (seed, epoch)."""
         return self._loader(self.train_set, train=True)
+
+    def unaugmented_train_dataloader(self) -> DataLoader:
+        """The training split with the eval transform (no augmentation, noise or mixing), in a
+        fixed order, on this process only: for data stages that precede training (a patch
+        dictionary)."""
+        return self._loader(self.train_eval_set, train=False)
 
     def val_dataloader(self) -> DataLoader:
         """Held-out part of the training set, eval transform, fixed order."""

@@ -7,7 +7,16 @@ Importing ``models`` registers every backbone: a new one is a module here with a
 Hydra.
 """
 
-from models import ccnn, convnext, resnet, simple, vgg, vit  # noqa: F401  (registers the backbones)
+from models import (  # noqa: F401  (registers the backbones)
+    ccnn,
+    convnext,
+    patch_knn,
+    resnet,
+    simple,
+    vgg,
+    vig,
+    vit,
+)
 from models.pretrained import from_pretrained
 from models.registry import (
     BACKBONES,

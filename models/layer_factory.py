@@ -133,9 +133,7 @@ class LayerFactory:
         merged = {**self.options, **self.sampling}
         return {k: v for k, v in merged.items() if k in accepted}
 
-    def _build(
-        self, cls: type, branches: tuple[type, type] | None, *sizes: int
-    ) -> nn.Module:
+    def _build(self, cls: type, branches: tuple[type, type] | None, *sizes: int) -> nn.Module:
         if branches is None:
             return cls(*sizes, **self._kwargs(cls))
         first, second = branches

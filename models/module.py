@@ -170,6 +170,21 @@ class ImageClassifier(pl.LightningModule):
         """Accumulate test metrics."""
         self._step(batch, "test")
 
+    def on_fit_start(self) -> None:
+        """Run the network's data stage (e.g. the patch dictionary of ``net=patch_knn``) once,
+        before the first step: on rank 0 from the unaugmented training split, its result
+        broadcast to every rank. Its result lives in the network's buffers, so a resumed run
+        (restored before this hook) or a test never recomputes it."""
+        if not getattr(self.net, "needs_data_stage", False):
+            return
+        state = None
+        if self.trainer.is_global_zero:
+            loader = self.trainer.datamodule.unaugmented_train_dataloader()
+            progress = self.trainer.progress_bar_callback is not None
+            state = self.net.data_stage(loader, len(loader.dataset), progress=progress)
+        state = self.trainer.strategy.broadcast(state, src=0)
+        self.net.load_data_stage({k: v.to(self.device) for k, v in state.items()})
+
     def on_validation_epoch_end(self) -> None:
         """Track the best validation top-1 (sanity checks excluded)."""
         if self.trainer.sanity_checking:

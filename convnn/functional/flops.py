@@ -87,6 +87,7 @@ def _knn_search_flops(
     include_self,
     budget,
     shared,
+    score_bias=None,
     out_shape=None,
 ) -> int:
     return search_flops(queries, keys, K, candidates, include_self)

@@ -65,6 +65,7 @@ def knn_search(
     candidates: Tensor | None = None,
     query_positions: Tensor | None = None,
     include_self: bool = True,
+    score_bias: Tensor | None = None,
     memory_budget: int | None = None,
 ) -> Tensor:
     """K nearest keys of every query: LongTensor (B, Nq, K) of key indices in rank order.
@@ -80,6 +81,9 @@ def knn_search(
         include_self: ``True``: slot 0 is self and the K-1 best *other* candidates follow
             (if fewer than K-1 others exist among sampled candidates, self fills the gap);
             ``False``: the plain top-K among the candidates.
+        score_bias: optional (Nq, Nk) or (B, Nq, Nk) values added to the scores (larger is
+            better) before the selection, e.g. a relative-position bias; indexed by query and
+            key (before ``candidates``), added block by block, never broadcast to the batch.
         memory_budget: bytes for one block of scores (default: :func:`memory_budget`).
 
     Ties break towards the lower key index and NaN scores rank last; the result equals a dense
@@ -100,6 +104,13 @@ def knn_search(
         raise ValueError(
             f"query_positions must have shape ({nq},), got {tuple(query_positions.shape)}"
         )
+    if score_bias is not None:
+        lead = score_bias.shape[:-2]
+        if score_bias.shape[-2:] != (nq, nk) or lead not in ((), (1,), (queries.shape[0],)):
+            raise ValueError(
+                f"score_bias must have shape ({nq}, {nk}) or (B, {nq}, {nk}), got "
+                f"{tuple(score_bias.shape)}"
+            )
     budget = _op_budget(queries.device, memory_budget)
     shared = queries is keys
     search = _knn_search_op if _use_custom_ops() else _knn_search_blocked
@@ -113,6 +124,7 @@ def knn_search(
         include_self,
         budget,
         shared,
+        score_bias,
     )
 
 
@@ -126,6 +138,7 @@ def _knn_search_blocked(
     include_self: bool,
     budget: int,
     shared: bool,
+    score_bias: Tensor | None = None,
 ) -> Tensor:
     """Blocked exact search behind :func:`knn_search` (arguments already validated)."""
     mt = magnitude_type
@@ -167,8 +180,17 @@ def _knn_search_blocked(
         if width > m:  # zero keys whose scores become -inf: whole blocks for _exact_topk
             kp = F.pad(kp, (0, 0, 0, width - m))
         cand_cols = None if candidates is None else F.pad(candidates, (0, width - m), value=-1)
+        bias = None
+        if score_bias is not None:
+            bias = score_bias.to(device=device, dtype=qp.dtype)
+            bias = bias.unsqueeze(0) if bias.dim() == 2 else bias
+            if candidates is not None:
+                bias = bias[..., candidates]
         for b0, b1, q0, q1 in _chunks(b, nq, _search_bytes_per_query(columns, k_sel), budget):
             scores = _scores_prepared(qp[b0:b1, q0:q1], kp[b0:b1], mt)
+            if bias is not None:
+                rows = slice(0, 1) if bias.shape[0] == 1 else slice(b0, b1)
+                scores[..., :m] += bias[rows, q0:q1]
             if width > m:
                 scores[..., m:] = -math.inf
             if include_self:
@@ -192,15 +214,36 @@ def _knn_search_op(
     include_self: bool,
     budget: int,
     shared: bool,
+    score_bias: Tensor | None = None,
 ) -> Tensor:
     """:func:`_knn_search_blocked` as a custom op (the compiled path)."""
     register_flop_formulas()
     return _knn_search_blocked(
-        queries, keys, K, magnitude_type, candidates, query_positions, include_self, budget, shared
+        queries,
+        keys,
+        K,
+        magnitude_type,
+        candidates,
+        query_positions,
+        include_self,
+        budget,
+        shared,
+        score_bias,
     )
 
 
 @_knn_search_op.register_fake
-def _(queries, keys, K, magnitude_type, candidates, query_positions, include_self, budget, shared):
+def _(
+    queries,
+    keys,
+    K,
+    magnitude_type,
+    candidates,
+    query_positions,
+    include_self,
+    budget,
+    shared,
+    score_bias=None,
+):
     register_flop_formulas()
     return queries.new_empty(queries.shape[0], queries.shape[1], K, dtype=torch.long)

@@ -431,3 +431,32 @@ def test_coordinate_grids() -> None:
     assert torch.equal(g[0, 0], g[0, 2]) and torch.equal(g[1, :, 0], g[1, :, 4])
     g1 = coordinate_grid_1d(4)
     assert g1.shape == (1, 4) and torch.equal(g1[0], torch.linspace(-1, 1, 4))
+
+
+@pytest.mark.parametrize("budget", [None, 2048])
+@pytest.mark.parametrize("batched", [False, True])
+def test_knn_search_score_bias_equals_the_dense_biased_search(budget, batched):
+    """Catches: a bias added to the wrong block rows/columns, or broadcast the wrong way."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 20, 4, generator=g)
+    k = torch.randn(3, 12, 4, generator=g)
+    shape = (3, 20, 12) if batched else (20, 12)
+    bias = torch.randn(shape, generator=g).mul_(4).round_()  # large, with ties
+    dense = pairwise_scores(q, k, "euclidean") + bias
+    # the reference: stable sort, so ties go to the lower key index
+    expected = torch.sort(dense, dim=-1, descending=True, stable=True).indices[..., :5]
+    got = knn_search(q, k, 5, "euclidean", include_self=False, score_bias=bias,
+                     memory_budget=budget)  # fmt: skip
+    assert torch.equal(got, expected)
+    cand = torch.tensor([1, 3, 4, 7, 8, 10, 11])
+    got = knn_search(q, k, 3, "euclidean", include_self=False, candidates=cand, score_bias=bias)
+    expected = cand[
+        torch.sort(dense[..., cand], dim=-1, descending=True, stable=True).indices[..., :3]
+    ]
+    assert torch.equal(got, expected)
+
+
+def test_knn_search_rejects_a_misshapen_score_bias():
+    q = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"score_bias must have shape \(5, 5\) or \(B, 5, 5\)"):
+        knn_search(q, q, 2, "cosine", score_bias=torch.zeros(5, 4))

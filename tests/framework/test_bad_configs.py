@@ -156,6 +156,15 @@ CASES: dict[str, tuple[list[str], str]] = {
                     "layer.window_size=0"),
     "sparse_pattern": (["net=vit_tiny", "layer=sparse_attention", "layer.pattern=zigzag", *FAKE],
                        "layer.pattern='zigzag'"),
+    # the kNN peers (digits: 8×8 maps)
+    "vig_r_not_dividing": (["layer=vig", "layer.kernel_size=4", "layer.r=3"], "layer.r=3"),
+    "vig_k_too_large": (["layer=vig", "layer.kernel_size=65"], "layer.kernel_size=65"),
+    "vig_conv": (["layer=vig", "layer.conv=gat"], "layer.conv='gat'"),
+    "vig_ti_grid": (["net=vig_ti", *FAKE, "net.stem_stride=16"], "net.k=9"),
+    "patch_knn_k_gt_dictionary": (["net=patch_knn", "net.k=2000"], "net.k=2000"),
+    "patch_knn_clusters_gt_patches": (["net=patch_knn", "net.n_patches=100"],
+                                      "net.n_clusters=1024"),
+    "patch_knn_whitening": (["net=patch_knn", "net.whitening=pcaa"], "net.whitening='pcaa'"),
     # checkpoints and data
     "ckpt_missing": (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt'"),
     "ckpt_last_missing": (["ckpt_path=last"], "last.ckpt does not exist"),

@@ -48,6 +48,8 @@ def _main(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 def test_experiment_preset_runs(preset: str, tmp_path: Path) -> None:
     # ViT presets resize to 224 with 16×16 patches; 64 keeps 16 patches + CLS (≥ K=9) and is fast.
     fast = ["dataset.resize=64"] if preset.startswith("vit") else []
+    if preset.startswith("patch_knn"):  # a small dictionary: k-means of 262k patches is minutes
+        fast = ["net.n_patches=2048", "net.n_clusters=64", "net.k=16", "net.kmeans_iters=3"]
     proc = _main(f"experiment={preset}", *FAST, *fast, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "results.json").is_file()

@@ -33,7 +33,11 @@ TINY: dict[str, tuple[int, dict[str, Any]]] = {
     "vit_base": (16, {"depth": 1}),
     "convnext_mini": (16, {"channels": [8, 16], "depths": [1, 1]}),
     "ccnn": (16, {"no_hidden": 8, "no_blocks": 2, "downsampling": [0]}),
+    "vig_ti": (16, {"dim": 8, "depth": 2, "k": 2, "head_dim": 16}),
+    "patch_knn": (16, {"k": 2, "n_clusters": 8, "n_patches": 64, "bottleneck": 4}),
 }
+# Networks that build their own mixing (the layer option is unused): one pair each.
+NO_LAYER = {"vig_ti", "patch_knn"}
 NETS = sorted(TINY)
 
 # Small options so that ConvNN layers fit the smallest maps (2×2 = 4 tokens at the deepest stage).
@@ -49,6 +53,7 @@ LAYER_OPTIONS: dict[str, dict[str, Any]] = {
     "sparse_attention": {"stride": 3},
     "ckconv": {"kernel_size": 5, "kernel_no_hidden": 8, "separable": True},
     "flexconv": {"kernel_size": 5, "kernel_no_hidden": 8, "mask_init_value": 0.5},
+    "vig": {"kernel_size": 3},
 }
 FITS_2D = [
     "attention",
@@ -59,6 +64,7 @@ FITS_2D = [
     "convnn",
     "convnn_attn",
     "flexconv",
+    "vig",
 ]
 FITS_TOKENS = [
     "attention",
@@ -70,6 +76,7 @@ FITS_TOKENS = [
     "kvt",
     "local_attention",
     "sparse_attention",
+    "vig",
 ]
 def net_cfg(name: str) -> Any:
     """cfg/net/<name>.yaml composed with its schema, as main.py sees it."""
@@ -96,12 +103,17 @@ def test_every_net_config_is_partial_and_declares_a_role() -> None:
     assert names == NETS
     for name in NETS:
         assert net_cfg(name)._partial_ is True
-        assert role(name) in ("2d", "tokens")
+        assert (role(name) == "none") == (name in NO_LAYER)
+        assert role(name) in ("2d", "tokens", "none")
 
 
 def _pairs(compatible: bool) -> list[Any]:
     out = []
     for net in NETS:
+        if net in NO_LAYER:
+            if compatible:
+                out.append(pytest.param(net, "conv", id=f"{net}-conv"))
+            continue
         fits = FITS_2D if net.startswith(("vgg", "resnet", "convnext", "ccnn")) else FITS_TOKENS
         for layer in LAYER_NAMES:
             if (layer in fits) != compatible:
