@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from torchvision import transforms as T
 
 from datamodules.augment import BatchMixer, auto_augment_steps, random_erasing_steps
@@ -19,6 +19,7 @@ __all__ = [
     "BaseDataModule",
     "DataError",
     "EpochSeededSampler",
+    "EvalShardSampler",
     "GaussianNoise",
     "split_indices",
 ]
@@ -50,12 +51,19 @@ class EpochSeededSampler(RandomSampler):
 
     The permutation is drawn from a fresh generator on every ``iter``; :attr:`generator` is
     reseeded per epoch too and handed to the DataLoader for worker seeds. So a resumed run sees
-    exactly the batches an uninterrupted run would have seen.
+    exactly the batches an uninterrupted run would have seen. With ``num_replicas`` > 1 (DDP)
+    process ``rank`` takes every ``num_replicas``-th index of the permutation, padded with its
+    first indices to a multiple of ``num_replicas`` (every process must run the same number of
+    optimizer steps).
     """
 
-    def __init__(self, data_source: Sequence[Any], seed: int) -> None:
+    def __init__(
+        self, data_source: Sequence[Any], seed: int, rank: int = 0, num_replicas: int = 1
+    ) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = int(seed)
+        self.rank = int(rank)
+        self.num_replicas = int(num_replicas)
         self.set_epoch(0)
 
     def _epoch_seed(self) -> int:
@@ -66,11 +74,38 @@ class EpochSeededSampler(RandomSampler):
         self.epoch = int(epoch)
         self.generator.manual_seed(self._epoch_seed())
 
+    def __len__(self) -> int:
+        return -(-len(self.data_source) // self.num_replicas)
+
     def __iter__(self) -> Iterator[int]:
         perm = torch.randperm(
             len(self.data_source), generator=torch.Generator().manual_seed(self._epoch_seed())
-        )
-        return iter(perm.tolist())
+        ).tolist()
+        if self.num_replicas == 1:
+            return iter(perm)
+        total = len(self) * self.num_replicas
+        padded = (perm * (-(-total // max(len(perm), 1))))[:total]
+        return iter(padded[self.rank :: self.num_replicas])
+
+
+class EvalShardSampler(SequentialSampler):
+    """Process ``rank``'s share of an evaluation set: indices ``rank, rank + R, …`` in order.
+
+    Shards are not padded (they differ by at most one image), so under DDP every image is
+    evaluated exactly once and the metrics, which sum the true counts over processes, equal a
+    single process's. Strided shards keep ``limit_*_batches`` meaning the first global batches.
+    """
+
+    def __init__(self, data_source: Sequence[Any], rank: int = 0, num_replicas: int = 1) -> None:
+        super().__init__(data_source)
+        self.rank = int(rank)
+        self.num_replicas = int(num_replicas)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.data_source), self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.data_source), self.num_replicas))
 
 
 def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:
@@ -225,15 +260,28 @@ class BaseDataModule(pl.LightningDataModule):
             )
         return self.batch_size // world
 
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process; the loaders shard the data themselves
+        (``trainer.use_distributed_sampler`` is off) so evaluation never pads."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise DataError(f"{self.name}: setup() has not built this split")
-        sampler = EpochSeededSampler(dataset, self.seed) if train else None
+        rank, world = self._shard()
+        sampler: EpochSeededSampler | EvalShardSampler
+        if train and not (self.trainer is not None and self.trainer.overfit_batches):
+            sampler = EpochSeededSampler(dataset, self.seed, rank, world)
+        else:  # evaluation, or overfit_batches (a fixed order: the same batches every epoch)
+            sampler = EvalShardSampler(dataset, rank, world)
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size,
             sampler=sampler,
-            generator=sampler.generator if sampler is not None else None,
+            generator=sampler.generator if isinstance(sampler, EpochSeededSampler) else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
