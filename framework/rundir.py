@@ -240,12 +240,20 @@ def job_subdir(job_num: Any) -> str:
     return str(int(job_num) + int(os.environ.get(OFFSET_VARIABLE, "0")))
 
 
+def _job_dir(runtime_dir: str | None, run_dir: str) -> str:
+    """``${job_dir:${hydra:runtime.output_dir},${hydra:run.dir}}``: the job's directory; before
+    a job exists (``--cfg job --resolve``, ``--help``) the run directory it would get."""
+    return run_dir if runtime_dir is None else runtime_dir
+
+
 if not OmegaConf.has_resolver("attempt_subdir"):
     OmegaConf.register_new_resolver("attempt_subdir", _attempt_resolver)
 if not OmegaConf.has_resolver("launch_dir"):
     OmegaConf.register_new_resolver("launch_dir", _launch_dir)
 if not OmegaConf.has_resolver("job_subdir"):
     OmegaConf.register_new_resolver("job_subdir", job_subdir)
+if not OmegaConf.has_resolver("job_dir"):
+    OmegaConf.register_new_resolver("job_dir", _job_dir)
 
 
 def attempt_subdir(run_dir: Path, subdir: str = ".hydra") -> str:
