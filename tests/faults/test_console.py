@@ -10,7 +10,7 @@ from ..framework.helpers import TINY, run_main
 
 def test_each_line_once_with_the_current_epochs_numbers(tmp_path: Path) -> None:
     proc = run_main([*TINY, "trainer.max_epochs=2", "trainer.limit_train_batches=4",
-                     "trainer.enable_model_summary=true", "trainer.profiler=simple",
+                     "trainer.enable_model_summary=true", "debug=profiler", "trainer.max_epochs=2",
                      "logger=csv", f"hydra.run.dir={tmp_path}"], env={"CI": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
@@ -18,7 +18,13 @@ def test_each_line_once_with_the_current_epochs_numbers(tmp_path: Path) -> None:
     assert out.count("`Trainer.fit` stopped") == 1
     assert out.count("Trainable params") == 1  # the model summary, once
     assert "Total Flops" not in out and "FLOPs per sample" in out  # our count, not Lightning's 0
-    assert out.count("FIT Profiler Report") == 1
+    assert "Profiler Report" not in out and "Profile stats" not in out  # in a file instead
+    assert out.count(f"fit profiler report: {tmp_path / 'fit-profiler.txt'}") == 1
+    assert "FIT Profiler Report" in (tmp_path / "fit-profiler.txt").read_text()
+    assert "Tip:" not in out and "litlogger" not in out  # Lightning's product tips
+    assert "Deprecat" not in out and "deprecat" not in out  # other packages' warnings
+    assert "MulticlassAccuracy" not in out and "MeanMetric" not in out  # not modules to a reader
+    assert "| net " in out  # the network is in the summary
     # Without a terminal the mid-epoch lines show this epoch's running means, not the last
     # epoch's: epoch 1's first line differs from epoch 0's summary.
     summary = re.search(r"epoch 0 \|.*train/loss=(\S+)", out)
