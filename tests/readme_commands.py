@@ -23,6 +23,7 @@ __all__ = [
     "Command",
     "Snippet",
     "commands",
+    "flag_table_overrides",
     "hydra_arguments",
     "kind",
     "snippets",
@@ -135,6 +136,29 @@ def snippets(docs: tuple[str, ...] = DOCS) -> list[Snippet]:
                 continue
             marker = NO_RUN.match(body[0].strip()) if body else None
             found.append(Snippet(doc, start, "\n".join(body), marker.group(1) if marker else None))
+    return found
+
+
+def flag_table_overrides(doc: str = "README.md") -> list[tuple[str, str]]:
+    """(original flag, override) for every value the "Original flags" table maps: ``group=``
+    with ``A → `a` `` pairs or ``(`a`, `b`: same names)`` lists, and complete ``key=value``."""
+    text = (ROOT / doc).read_text()
+    start = text.index("## Original flags")
+    table = text[start : text.find("\n## ", start + 1)]
+    found: list[tuple[str, str]] = []
+    for row in table.splitlines():
+        cells = row.split("|")
+        if len(cells) < 4 or not cells[1].strip().startswith("`--"):
+            continue
+        flag, ours = cells[1].strip().replace("`", ""), cells[2]
+        found += [(flag, o) for o in re.findall(r"`([\w./]+=[\w.-]+)`", ours)]
+        prefix = re.search(r"`([\w./]+)=`", ours)
+        if prefix is None:
+            continue
+        values = re.findall(r"→ `([^`]+)`", ours)
+        for same in re.findall(r"\(([^()]*): same names\)", ours):
+            values += re.findall(r"`([^`]+)`", same)
+        found += [(flag, f"{prefix.group(1)}={v}") for v in values]
     return found
 
 

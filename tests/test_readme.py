@@ -28,7 +28,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from framework.schemas import register_configs
 
-from .readme_commands import ROOT, Command, Snippet, commands, hydra_arguments, kind, snippets
+from .readme_commands import (
+    ROOT,
+    Command,
+    Snippet,
+    commands,
+    flag_table_overrides,
+    hydra_arguments,
+    kind,
+    snippets,
+)
 
 register_configs()
 
@@ -114,6 +123,23 @@ def test_main_commands_compose(command: Command) -> None:
         with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
             for job in _jobs(overrides, multirun):
                 compose(config_name="config", overrides=job, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_flag_table_values_compose() -> None:
+    """The original flags' values map to options and keys that exist (`--layer ConvNN` →
+    `layer=convnn`): each mapped override composes."""
+    pairs = flag_table_overrides()
+    assert ("--layer (ConvNN)", "layer=convnn") in pairs and len(pairs) >= 20
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
+            for flag, override in pairs:
+                try:
+                    compose(config_name="config", overrides=[override])
+                except Exception as err:
+                    raise AssertionError(f"{flag} → {override}: {err}") from None
     finally:
         GlobalHydra.instance().clear()
 
