@@ -177,18 +177,30 @@ class ResumeCheck:
     checkpoint: dict[str, Any] = field(default_factory=dict)
 
 
+def _other_checkpoints(path: str) -> str:
+    """What else the folder offers: ``last*.ckpt`` resume a run; the best checkpoints hold
+    weights only and start a new run with ``init_from``."""
+    others = sorted(p.name for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
+    full = [n for n in others if n.startswith("last")]
+    weights = [n for n in others if not n.startswith("last")]
+    hints = []
+    if full:
+        hints.append(f"Resume from {' or '.join(full)} there with ckpt_path=PATH.")
+    if weights:
+        hints.append(
+            f"{', '.join(weights)} there hold(s) weights only: start a new run from it with "
+            "init_from=PATH."
+        )
+    return " ".join(hints) or "No other checkpoint is there; start a new run."
+
+
 def _load(path: str) -> dict[str, Any]:
     import torch
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        others = sorted(p.name for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
-        hint = (
-            f"Other checkpoints there: {', '.join(others)}; resume from one with ckpt_path=PATH."
-            if others
-            else "No other checkpoint is there; start a new run."
-        )
+        hint = _other_checkpoints(path)
         raise ConfigError(
             f"Invalid configuration: ckpt_path={path} cannot be read as a checkpoint "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'}); it is "
@@ -217,6 +229,13 @@ def check_resume(cfg: DictConfig, ckpt_path: str | None) -> ResumeCheck:
     if ckpt_path is None:
         return ResumeCheck()
     ckpt = _load(ckpt_path)
+    if "optimizer_states" not in ckpt and not cfg.get("test_only"):
+        raise ConfigError(
+            f"Invalid configuration: ckpt_path={ckpt_path} holds weights only (a best "
+            "checkpoint), so it cannot continue a run: resume from last.ckpt (ckpt_path=last "
+            "with hydra.run.dir=<that run>, or ckpt_path=<that run>/checkpoints/last.ckpt), or "
+            f"start a new run from these weights with init_from={ckpt_path}."
+        )
     old = stored_config(ckpt)
     if old is None:
         log.warning("%s stores no run config; only its weights are checked", ckpt_path)

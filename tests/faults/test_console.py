@@ -14,7 +14,8 @@ def test_each_line_once_with_the_current_epochs_numbers(tmp_path: Path) -> None:
                      "logger=csv", f"hydra.run.dir={tmp_path}"], env={"CI": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert out.count("epoch 0 |") == 1 and out.count("epoch 1 |") == 1
+    assert out.count("epoch 1 |") == 1 and out.count("epoch 2 |") == 1  # counted from 1
+    assert "epoch 0" not in out
     assert out.count("`Trainer.fit` stopped") == 1
     assert out.count("Trainable params") == 1  # the model summary, once
     assert "Total Flops" not in out and "FLOPs per sample" in out  # our count, not Lightning's 0
@@ -26,14 +27,17 @@ def test_each_line_once_with_the_current_epochs_numbers(tmp_path: Path) -> None:
     assert "MulticlassAccuracy" not in out and "MeanMetric" not in out  # not modules to a reader
     assert "| net " in out  # the network is in the summary
     # Without a terminal the mid-epoch lines show this epoch's running means, not the last
-    # epoch's: epoch 1's first line differs from epoch 0's summary.
-    summary = re.search(r"epoch 0 \|.*train/loss=(\S+)", out)
-    first = re.search(r"epoch 1  1/4  train/loss=(\S+)", out)
+    # epoch's: epoch 2's first line differs from epoch 1's summary.
+    summary = re.search(r"epoch 1 \|.*train/loss=(\S+)", out)
+    first = re.search(r"epoch 2  1/4  train/loss=(\S+)", out)
     assert summary and first, out[-3000:]
     assert first.group(1) != summary.group(1)
     # The main log file holds each line once as well.
     log_text = (tmp_path / "main.log").read_text()
-    assert log_text.count("epoch 0 |") == 1 and log_text.count("`Trainer.fit` stopped") == 1
+    assert log_text.count("epoch 1 |") == 1 and log_text.count("`Trainer.fit` stopped") == 1
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names[0].startswith(("best-epoch001-", "best-epoch002-")) and names[1] == "last.ckpt"
+    assert "checkpoints: ~" in out and "best " in out and "weights only" in out
 
 
 def test_sweep_with_a_failed_job_prints_the_full_table_and_its_path(tmp_path: Path) -> None:

@@ -34,9 +34,9 @@ def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path) -> None:
     proc = run_main([*VIT, *DDP, f"hydra.run.dir={two}"], env={"CI": "1"}, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert out.count("epoch 0 |") == 1 and out.count("`Trainer.fit` stopped") == 1
+    assert out.count("epoch 1 |") == 1 and out.count("`Trainer.fit` stopped") == 1
     a, b = _rows(one), _rows(two)
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["0", "1"]
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2"]
     for ra, rb in zip(a, b):
         for key in ra:
             assert float(rb[key]) == pytest.approx(float(ra[key]), abs=1e-5), key
