@@ -320,7 +320,7 @@ def check_writable(run_dir: Path, cfg: DictConfig) -> None:
     files = [run_dir / "results.json", run_dir / "metrics.csv", run_dir / "model.txt"]
     folders = {run_dir}
     for c in (cfg.get("callbacks") or {}).values():
-        if isinstance(c, DictConfig) and "ModelCheckpoint" in str(c.get("_target_", "")):
+        if isinstance(c, DictConfig) and "dirpath" in c:  # checkpoint callbacks, by their key
             folders.add(Path(str(c.get("dirpath") or run_dir / "checkpoints")))
     for path in files:
         if path.is_dir():
