@@ -51,3 +51,15 @@ def test_sweep_with_a_failed_job_prints_the_full_table_and_its_path(tmp_path: Pa
         assert col in header  # not cut to "test/ac…"
     assert f"Sweep summary: {sweep / 'sweep_summary.csv'}" in out
     assert "1 of 2 jobs failed" in out and "Traceback" not in out
+
+
+def test_rich_progress_bar_counts_epochs_from_one() -> None:
+    """Lightning's bar shows "Epoch 0/7" for the first of 8 epochs; ours "Epoch 1/8"."""
+    from types import SimpleNamespace
+
+    from framework.callbacks import RichEpochBar
+
+    bar = RichEpochBar()
+    bar._trainer = SimpleNamespace(max_epochs=8)  # type: ignore[assignment]
+    assert bar._get_train_description(0).strip() == "Epoch 1/8"
+    assert bar._get_train_description(7).strip() == "Epoch 8/8"
