@@ -139,27 +139,28 @@ def snippets(docs: tuple[str, ...] = DOCS) -> list[Snippet]:
     return found
 
 
-def flag_table_overrides(doc: str = "README.md") -> list[tuple[str, str]]:
-    """(original flag, override) for every value the "Original flags" table maps: ``group=``
-    with ``A → `a` `` pairs or ``(`a`, `b`: same names)`` lists, and complete ``key=value``."""
+def flag_table_overrides(doc: str = "README.md") -> list[tuple[str, list[str]]]:
+    """(original flag, overrides) for every row of the "Original flags" table: ``group=`` with
+    ``A → `a` `` pairs or ``(`a`, `b`: same names)`` lists, and complete ``key=value`` tokens."""
     text = (ROOT / doc).read_text()
     start = text.index("## Original flags")
     table = text[start : text.find("\n## ", start + 1)]
-    found: list[tuple[str, str]] = []
+    rows: list[tuple[str, list[str]]] = []
     for row in table.splitlines():
         cells = row.split("|")
         if len(cells) < 4 or not cells[1].strip().startswith("`--"):
             continue
         flag, ours = cells[1].strip().replace("`", ""), cells[2]
-        found += [(flag, o) for o in re.findall(r"`([\w./]+=[\w.-]+)`", ours)]
+        found = re.findall(r"`([\w./]+=[\w.-]+)`", ours)
         prefix = re.search(r"`([\w./]+)=`", ours)
-        if prefix is None:
-            continue
-        values = re.findall(r"→ `([^`]+)`", ours)
-        for same in re.findall(r"\(([^()]*): same names\)", ours):
-            values += re.findall(r"`([^`]+)`", same)
-        found += [(flag, f"{prefix.group(1)}={v}") for v in values]
-    return found
+        if prefix is not None:
+            values = re.findall(r"→ `([^`]+)`", ours)
+            for same in re.findall(r"\(([^()]*): same names\)", ours):
+                values += re.findall(r"`([^`]+)`", same)
+            found += [f"{prefix.group(1)}={v}" for v in values]
+        if found:
+            rows.append((flag, found))
+    return rows
 
 
 def kind(command: Command) -> str:

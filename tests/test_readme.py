@@ -129,17 +129,28 @@ def test_main_commands_compose(command: Command) -> None:
 
 def test_flag_table_values_compose() -> None:
     """The original flags' values map to options and keys that exist (`--layer ConvNN` →
-    `layer=convnn`): each mapped override composes."""
-    pairs = flag_table_overrides()
-    assert ("--layer (ConvNN)", "layer=convnn") in pairs and len(pairs) >= 20
+    `layer=convnn`): each group choice of a row composes, and each `key.path=value` composes
+    alone or with one of the row's choices (`net.variant=original` needs a net that has it)."""
+    rows = flag_table_overrides()
+    assert ("--layer (ConvNN)", "layer=convnn") in [(f, o) for f, os in rows for o in os]
     GlobalHydra.instance().clear()
+
+    def composes(overrides: list[str]) -> str | None:
+        try:
+            compose(config_name="config", overrides=overrides)
+        except Exception as err:
+            return str(err).splitlines()[0]
+        return None
+
     try:
         with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
-            for flag, override in pairs:
-                try:
-                    compose(config_name="config", overrides=[override])
-                except Exception as err:
-                    raise AssertionError(f"{flag} → {override}: {err}") from None
+            for flag, overrides in rows:
+                choices = [o for o in overrides if "." not in o.split("=")[0]]
+                for override in overrides:
+                    errors = [composes([override])]
+                    if errors[0] and override not in choices:
+                        errors += [composes([c, override]) for c in choices]
+                    assert None in errors, f"{flag} → {override}: {errors[0]}"
     finally:
         GlobalHydra.instance().clear()
 
