@@ -10,7 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import framework.rundir  # noqa: F401  (registers the ${attempt_subdir:} and ${launch_dir:} resolvers)
+import framework.cli  # (registers ${config_groups:} for --help)
+import framework.rundir  # noqa: F401  (registers ${attempt_subdir:}, ${launch_dir:}, ${job_dir:})
 from framework.console import configure_console
 from framework.errors import user_errors
 from framework.rundir import locked_run_dir

@@ -11,7 +11,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    get_worker_info,
+)
 from torch.utils.data._utils.worker import _generate_state
 from torchvision import transforms as T
 
@@ -22,6 +29,7 @@ __all__ = [
     "BaseDataModule",
     "DataError",
     "EpochSeededSampler",
+    "EvalShardSampler",
     "GaussianNoise",
     "split_indices",
 ]
@@ -53,12 +61,19 @@ class EpochSeededSampler(RandomSampler):
 
     The permutation is drawn from a fresh generator on every ``iter``; :attr:`generator` is
     reseeded per epoch too and handed to the DataLoader for worker seeds. So a resumed run sees
-    exactly the batches an uninterrupted run would have seen.
+    exactly the batches an uninterrupted run would have seen. With ``num_replicas`` > 1 (DDP)
+    process ``rank`` takes every ``num_replicas``-th index of the permutation, padded with its
+    first indices to a multiple of ``num_replicas`` (every process must run the same number of
+    optimizer steps).
     """
 
-    def __init__(self, data_source: Sequence[Any], seed: int) -> None:
+    def __init__(
+        self, data_source: Sequence[Any], seed: int, rank: int = 0, num_replicas: int = 1
+    ) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = int(seed)
+        self.rank = int(rank)
+        self.num_replicas = int(num_replicas)
         self.set_epoch(0)
 
     def _epoch_seed(self) -> int:
@@ -69,11 +84,18 @@ class EpochSeededSampler(RandomSampler):
         self.epoch = int(epoch)
         self.generator.manual_seed(self._epoch_seed())
 
+    def __len__(self) -> int:
+        return -(-len(self.data_source) // self.num_replicas)
+
     def __iter__(self) -> Iterator[int]:
         perm = torch.randperm(
             len(self.data_source), generator=torch.Generator().manual_seed(self._epoch_seed())
-        )
-        return iter(perm.tolist())
+        ).tolist()
+        if self.num_replicas == 1:
+            return iter(perm)
+        total = len(self) * self.num_replicas
+        padded = (perm * (-(-total // max(len(perm), 1))))[:total]
+        return iter(padded[self.rank :: self.num_replicas])
 
     def worker_base_seed(self) -> int:
         """The base seed a fresh DataLoader iterator draws from :attr:`generator` this epoch
@@ -82,23 +104,45 @@ class EpochSeededSampler(RandomSampler):
         return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item())
 
 
-class _SeedTagged(torch.utils.data.Sampler):
-    """Yields ``(base_seed, index)``: the epoch's worker base seed travels with every index."""
+class EvalShardSampler(SequentialSampler):
+    """Process ``rank``'s share of an evaluation set: indices ``rank, rank + R, …`` in order.
 
-    def __init__(self, sampler: EpochSeededSampler | None, length: int, base_seed: int) -> None:
-        self.sampler, self.length, self.base_seed = sampler, length, base_seed
+    Shards are not padded (they differ by at most one image), so under DDP every image is
+    evaluated exactly once and the metrics, which sum the true counts over processes, equal a
+    single process's. Strided shards keep ``limit_*_batches`` meaning the first global batches.
+    """
+
+    def __init__(self, data_source: Sequence[Any], rank: int = 0, num_replicas: int = 1) -> None:
+        super().__init__(data_source)
+        self.rank = int(rank)
+        self.num_replicas = int(num_replicas)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.data_source), self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.data_source), self.num_replicas))
+
+
+class _SeedTagged(torch.utils.data.Sampler):
+    """Yields ``(base_seed, index)``: the epoch's worker base seed travels with every index
+    (a training sampler's per-epoch seed; ``base_seed`` for evaluation)."""
+
+    def __init__(self, sampler: EpochSeededSampler | EvalShardSampler, base_seed: int) -> None:
+        self.sampler, self.base_seed = sampler, base_seed
 
     def set_epoch(self, epoch: int) -> None:
-        if self.sampler is not None:
+        if isinstance(self.sampler, EpochSeededSampler):
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.sampler is None:
-            return ((self.base_seed, i) for i in range(self.length))
-        seed = self.sampler.worker_base_seed()
+        if isinstance(self.sampler, EpochSeededSampler):
+            seed = self.sampler.worker_base_seed()
+        else:
+            seed = self.base_seed
         return ((seed, i) for i in self.sampler)
 
 
@@ -288,13 +332,29 @@ class BaseDataModule(pl.LightningDataModule):
             )
         return self.batch_size // world
 
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process; the loaders shard the data themselves
+        (``trainer.use_distributed_sampler`` is off) so evaluation never pads."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise DataError(f"{self.name}: setup() has not built this split")
-        sampler = EpochSeededSampler(dataset, self.seed) if train else None
+        rank, world = self._shard()
+        sampler: Any
+        if train and not (self.trainer is not None and self.trainer.overfit_batches):
+            sampler = EpochSeededSampler(dataset, self.seed, rank, world)
+        else:  # evaluation, or overfit_batches (a fixed order: the same batches every epoch)
+            sampler = EvalShardSampler(dataset, rank, world)
         # eval loaders draw their workers' base seed from a private generator: the global RNG
         # (restored on resume) is never consumed by a loader, persistent or not
-        generator = sampler.generator if sampler is not None else torch.Generator()
+        if isinstance(sampler, EpochSeededSampler):
+            generator = sampler.generator
+        else:
+            generator = torch.Generator()
         workers: dict[str, Any] = {}
         if self.num_workers > 0:
             workers = {
@@ -302,7 +362,7 @@ class BaseDataModule(pl.LightningDataModule):
                 "prefetch_factor": self.prefetch_factor,
             }
             # eval passes: one fixed base seed (eval transforms draw nothing random today)
-            sampler = _SeedTagged(sampler, len(dataset), self.seed)  # type: ignore[arg-type]
+            sampler = _SeedTagged(sampler, self.seed)
             dataset = _Reseeding(dataset)
         return DataLoader(
             dataset,

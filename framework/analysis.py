@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,32 @@ def _pick_queries(qpos: Tensor, geo: LayerGeometry, num: int) -> Tensor:
     return torch.tensor(sorted(set(picks)), dtype=torch.long)
 
 
+def layer_title(path: str, rec: NeighborRecord, number: int, total: int) -> str:
+    """A picture's title in plain words, then the layer's module path and type."""
+    k = rec.indices.shape[-1]
+    where = "the first" if number == 1 else "the last" if number == total else f"number {number}"
+    shape = "×".join(map(str, rec.shape))
+    return (
+        f"What layer {number} of {total} ({where} ConvNN-family layer) looks at: each query ★ "
+        f"and the {k} positions it takes its neighbours from\n"
+        f"`{path}` ({rec.layer_type}, K={k}, on a {shape} map"
+        + (", head 0 shown)" if rec.indices.shape[1] > 1 else ")")
+    )
+
+
+def _legend_entries(padding: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(label, marker style) of the picture legend."""
+    entries = [
+        ("query (star)", {"marker": "*", "markersize": 12, "markeredgecolor": "black"}),
+        ("its K neighbours (dots, same colour)", {"marker": "o", "markersize": 6,
+                                                 "markeredgecolor": "white"}),
+    ]
+    if padding:
+        entries.append(("zero padding: dots in the margin around the image",
+                        {"marker": "s", "markersize": 6, "markerfacecolor": "none"}))
+    return entries
+
+
 def _plot_layer(
     path: str,
     rec: NeighborRecord,
@@ -171,14 +198,21 @@ def _plot_layer(
     shown: Tensor,
     num_queries: int,
     out: Path,
+    position: tuple[int, int] = (1, 1),
 ) -> Path:
-    """The images with ``num_queries`` queries (stars) and their K neighbours (dots, head 0)."""
+    """The images with ``num_queries`` queries (stars) and their K neighbours (dots, head 0),
+    a legend, and a title in plain words (``position``: this layer's number and the count)."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     b = shown.shape[0]
     cols = min(4, b)
     rows = math.ceil(b / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
+    width = max(3.0 * cols, 6.5)  # room for the title and the legend with one image too
+    legend_rows = 1 if width >= 10 else 3
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width, 3 * rows + 0.9 + 0.2 * legend_rows), squeeze=False
+    )
     qpos = rec.query_positions
     picks = _pick_queries(qpos, geo, num_queries)
     colours = plt.get_cmap("tab10")
@@ -203,9 +237,16 @@ def _plot_layer(
             ax.scatter([qx], [qy], s=140, marker="*", color=colour, edgecolors="black", lw=0.6)
         ax.set_xlim(-0.5 - margin, w - 0.5 + margin)
         ax.set_ylim(h - 0.5 + margin, -0.5 - margin)
-    k = rec.indices.shape[-1]
-    fig.suptitle(f"{path} ({rec.layer_type}, K={k}, map {'×'.join(map(str, rec.shape))})")
-    fig.tight_layout()
+    title = layer_title(path, rec, *position)
+    chars = int(width * 12)
+    fig.suptitle("\n".join(textwrap.fill(t, chars) for t in title.split("\n")), fontsize=9)
+    handles = [
+        Line2D([], [], linestyle="none", color="tab:blue", label=label, **style)
+        for label, style in _legend_entries(margin > 0)
+    ]
+    ncol = len(handles) if legend_rows == 1 else 1
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / fig.get_figheight(), 1, 1))
     file = out / f"layer_{_slug(path)}.png"
     fig.savefig(file, dpi=80)
     plt.close(fig)
@@ -261,7 +302,7 @@ def analyse_neighbours(
     distances: dict[str, Tensor] = {}
     files: list[Path] = []
     shown = _display(images.cpu().float(), mean, std)
-    for path, rec in records.items():
+    for number, (path, rec) in enumerate(records.items(), 1):
         geo = layer_geometry(rec, image_size, vit)
         stats[path] = layer_stats(rec, geo)
         idx = rec.indices
@@ -269,7 +310,8 @@ def analyse_neighbours(
         placed = ~geo.special[idx] & ~geo.special[q]
         distances[path] = ((geo.xy[idx] - geo.xy[q]).norm(dim=-1)[placed] / geo.side).float()
         if pictures and geo.to_image > 0:
-            files.append(_plot_layer(path, rec, geo, shown, num_queries, out))
+            position = (number, len(records))
+            files.append(_plot_layer(path, rec, geo, shown, num_queries, out, position))
     if pictures and records:
         files.append(_plot_distances(distances, out))
     data = finite_or_none({"layers": stats, "images": int(images.shape[0])})

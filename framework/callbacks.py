@@ -33,6 +33,7 @@ __all__ = [
     "EpochMetricsCSV",
     "PlainProgressBar",
     "RNGStateCallback",
+    "RichEpochBar",
     "RunIds",
     "StepTimer",
     "auto_progress_bar",
@@ -48,7 +49,9 @@ def _number(value: Any) -> float:
 
 
 class EpochMetricsCSV(Callback):
-    """Writes ``metrics.csv``: one row per finished epoch with every epoch-level metric.
+    """Writes ``metrics.csv``: one row per finished epoch with every epoch-level metric. Epochs
+    count from 1 there and in the log, as everywhere a person reads them (Lightning's
+    ``current_epoch`` counts from 0).
 
     On resume, rows of epochs that the checkpoint has not seen are dropped, so the file matches
     the restored state.
@@ -72,11 +75,11 @@ class EpochMetricsCSV(Callback):
         if trainer.fast_dev_run or not self.path.is_file():
             return
         with self.path.open(newline="") as f:
-            self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
+            self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= trainer.current_epoch]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Append this epoch's row and rewrite the file atomically (rank 0)."""
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
         for i, opt in enumerate(trainer.optimizers):
             row["lr" if i == 0 else f"lr{i}"] = opt.param_groups[0]["lr"]
         for key, value in sorted(trainer.callback_metrics.items()):
@@ -85,7 +88,7 @@ class EpochMetricsCSV(Callback):
         self.rows.append(row)
         log.info(
             "epoch %d | %s",
-            trainer.current_epoch,
+            row["epoch"],
             "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train/", "val/"))),
         )
         if trainer.is_global_zero:
@@ -190,13 +193,23 @@ class PlainProgressBar(ProgressBar):
         if done % step == 0 and done < total:
             metrics = running_metrics(pl_module)  # this epoch's, not the last epoch's means
             shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            log.info("epoch %d  %d/%d  %s", trainer.current_epoch, done, total, shown)
+            log.info("epoch %d  %d/%d  %s", trainer.current_epoch + 1, done, total, shown)
+
+
+class RichEpochBar(RichProgressBar):
+    """Lightning's rich progress bar counting epochs from 1 ("Epoch 1/8" is the first of 8)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            text += f"/{self.trainer.max_epochs}"
+        return f"{text:{len(self.validation_description)}}"
 
 
 def auto_progress_bar(refresh_rate: int = 1) -> ProgressBar:
     """A rich progress bar on a terminal, plain log lines otherwise."""
     if sys.stdout.isatty() and not os.environ.get("CI"):
-        return RichProgressBar(refresh_rate=refresh_rate)
+        return RichEpochBar(refresh_rate=refresh_rate)
     return PlainProgressBar()
 
 

@@ -5,7 +5,9 @@ Python objects that would run code on loading is refused unless ``trust_checkpoi
 unreadable, truncated and foreign files share one error. :func:`read_weights_source` also reads
 exported networks (``model.safetensors`` or its folder). Writing: :class:`SafeCheckpointIO`, the
 project's Lightning ``CheckpointIO``, writes atomically and stops the run when a write fails; it
-hands Lightning the checkpoint read at start-up instead of reading the file a second time."""
+hands Lightning the checkpoint read at start-up instead of reading the file a second time. What
+the best and last checkpoints hold and how they are named: :class:`RunCheckpoint`; their size:
+:func:`size_line`."""
 
 from __future__ import annotations
 
@@ -18,9 +20,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from torch import nn
 
 from datamodules.errors import UserError
 from framework.errors import ConfigError
@@ -30,9 +37,11 @@ __all__ = [
     "TRUST_KEY",
     "CheckpointWriteError",
     "LoadedCheckpoint",
+    "RunCheckpoint",
     "SafeCheckpointIO",
     "read_checkpoint",
     "read_weights_source",
+    "size_line",
     "unreadable",
 ]
 
@@ -66,11 +75,21 @@ def _label(key: str, path: str) -> str:
 
 
 def _others(path: str) -> str:
+    """What else the folder offers: ``last*.ckpt`` resume a run; the best checkpoints hold
+    weights only and start a new run with ``init_from``."""
     here = Path(path)
     others = sorted(p.name for p in here.parent.glob("*.ckpt") if p.name != here.name)
-    if others:
-        return f"Other checkpoints there: {', '.join(others)}."
-    return "No other checkpoint is there."
+    full = [n for n in others if n.startswith("last")]
+    weights = [n for n in others if not n.startswith("last")]
+    hints = []
+    if full:
+        hints.append(f"Resume from {' or '.join(full)} there with ckpt_path=PATH.")
+    if weights:
+        hints.append(
+            f"{', '.join(weights)} there hold(s) weights only: start a new run from it with "
+            "init_from=PATH."
+        )
+    return " ".join(hints) or "No other checkpoint is there."
 
 
 def unreadable(key: str, path: str, reason: str) -> ConfigError:
@@ -213,3 +232,87 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"({target.parent}), then resume the run with the same hydra.run.dir and "
                 "ckpt_path=last (earlier checkpoints are intact)."
             ) from None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint callback with what a person reads and a run relies on:
+
+    - file names count epochs from 1 (``best-epoch001-…`` is the first epoch);
+    - a weights-only save (the best checkpoint by default) holds the EMA weights when EMA is on,
+      like a full checkpoint's ``state_dict``;
+    - one lineage across run directories: resuming into another directory keeps the old run's
+      best checkpoint (path and score) as the one a new checkpoint must beat, and files outside
+      this run's ``checkpoints/`` are never deleted.
+    """
+
+    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, Any]:
+        candidates = super()._monitor_candidates(trainer)
+        candidates["epoch"] = torch.tensor(trainer.current_epoch + 1)
+        return candidates
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """In the same directory: Lightning's restore. In another: the incumbent best only."""
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        path, score = state_dict.get("best_model_path"), state_dict.get("best_model_score")
+        if self.monitor is None or not path or score is None or not Path(path).is_file():
+            return
+        self.best_model_path = self.kth_best_model_path = path
+        self.best_model_score = self.kth_value = score
+        self.best_k_models = {path: score}
+        log.info("resume: the best checkpoint so far is %s (%s=%.4f); a new best must beat it",
+                 path, self.monitor, float(score))
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self.dirpath is None or Path(filepath).resolve().parent != Path(self.dirpath).resolve():
+            return  # another run's file (the incumbent of a resumed lineage): never deleted
+        super()._remove_checkpoint(trainer, filepath)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if not self.save_weights_only:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+        for callback in trainer.callbacks:
+            averaged = getattr(callback, "averaged_state_dict", None)
+            state = averaged() if callable(averaged) else None
+            if state is not None:
+                checkpoint["state_dict"] = state  # what validation just measured
+        trainer.strategy.save_checkpoint(checkpoint, filepath)
+        trainer.strategy.barrier("RunCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+# Optimizer state per parameter, in parameter-sized tensors (Adam/AdamW: two moments).
+OPTIMIZER_STATE = {"Adam": 2, "AdamW": 2, "SGD": 1}
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def size_line(net: nn.Module, cfg: DictConfig, callbacks: list[pl.Callback]) -> str:
+    """The start-up line ``checkpoints: ~X per save``: ``last.ckpt`` (weights, optimizer state,
+    EMA weights) plus the best checkpoint (weights only unless configured otherwise)."""
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    name = str(cfg.optimizer.get("_target_", "")).rsplit(".", 1)[-1]
+    moments = OPTIMIZER_STATE.get(name, 0)
+    if name == "SGD" and not cfg.optimizer.get("momentum"):
+        moments = 0
+    ema = bool(cfg.get("ema") and cfg.ema.get("enabled", False))
+    last = weights + moments * params + (weights if ema else 0)
+    best_callbacks = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    full_best = any(not c.save_weights_only for c in best_callbacks)
+    best = (last if full_best else weights) if best_callbacks else 0
+    parts = ["weights"] + ([f"{name} state"] if moments else []) + (["EMA"] if ema else [])
+    kind = "complete" if full_best else "weights only" + (" (EMA)" if ema else "")
+    return (
+        f"checkpoints: ~{_size(last + best)} per save (last.ckpt {_size(last)}: "
+        f"{', '.join(parts)}; best {_size(best)}: {kind}, written when val/acc1 improves)"
+    )

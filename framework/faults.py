@@ -93,7 +93,7 @@ class StopOnNonFiniteLoss(Callback):
                     shutil.copy2(last, spare)
             log.warning(
                 "epoch %d: %s (%d of %d non-finite epochs allowed)",
-                trainer.current_epoch,
+                trainer.current_epoch + 1,
                 "; ".join(problems),
                 self.bad_epochs,
                 self.patience,
@@ -104,7 +104,7 @@ class StopOnNonFiniteLoss(Callback):
         lr = group.get("initial_lr", group.get("lr"))
         kept = f"The last finite checkpoint is {keep}." if keep else "No checkpoint was saved."
         raise NonFiniteLossError(
-            f"Training stopped at epoch {trainer.current_epoch}: {'; '.join(problems)} "
+            f"Training stopped at epoch {trainer.current_epoch + 1}: {'; '.join(problems)} "
             f"({self.bad_epochs} non-finite epoch(s) in a row; "
             f"callbacks.stop_on_nonfinite.patience={self.patience}). Likely causes: a learning "
             f"rate too high (optimizer.lr={lr}; lower it), no gradient clipping (set "

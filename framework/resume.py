@@ -67,6 +67,8 @@ ALLOWED: tuple[str, ...] = (
     "trainer.enable_model_summary",
     "callbacks.progress",
     "callbacks.model_summary",
+    # which files are kept: only future best checkpoints change, a resume reads last.ckpt
+    "callbacks.checkpoint.save_weights_only",
 )
 # Refused: the network, its layer and sampling, the data and its batching, the optimisation and
 # its schedule, the seed and numerics (precision, determinism, compilation, EMA), how many
@@ -259,6 +261,13 @@ def check_resume(cfg: DictConfig, checkpoint: LoadedCheckpoint) -> None:
     :data:`ALLOWED`, listing every differing key."""
     ckpt_path = checkpoint.path
     old = stored_config(checkpoint.data)
+    if "optimizer_states" not in checkpoint.data and not cfg.get("test_only"):
+        raise ConfigError(
+            f"Invalid configuration: ckpt_path={ckpt_path} holds weights only (a best "
+            "checkpoint), so it cannot continue a run: resume from last.ckpt (ckpt_path=last "
+            "with hydra.run.dir=<that run>, or ckpt_path=<that run>/checkpoints/last.ckpt), or "
+            f"start a new run from these weights with init_from={ckpt_path}."
+        )
     if old is None:
         log.warning("%s stores no run config; only its weights are checked", ckpt_path)
         return

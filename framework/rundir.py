@@ -240,12 +240,20 @@ def job_subdir(job_num: Any) -> str:
     return str(int(job_num) + int(os.environ.get(OFFSET_VARIABLE, "0")))
 
 
+def _job_dir(runtime_dir: str | None, run_dir: str) -> str:
+    """``${job_dir:${hydra:runtime.output_dir},${hydra:run.dir}}``: the job's directory; before
+    a job exists (``--cfg job --resolve``, ``--help``) the run directory it would get."""
+    return run_dir if runtime_dir is None else runtime_dir
+
+
 if not OmegaConf.has_resolver("attempt_subdir"):
     OmegaConf.register_new_resolver("attempt_subdir", _attempt_resolver)
 if not OmegaConf.has_resolver("launch_dir"):
     OmegaConf.register_new_resolver("launch_dir", _launch_dir)
 if not OmegaConf.has_resolver("job_subdir"):
     OmegaConf.register_new_resolver("job_subdir", job_subdir)
+if not OmegaConf.has_resolver("job_dir"):
+    OmegaConf.register_new_resolver("job_dir", _job_dir)
 
 
 def attempt_subdir(run_dir: Path, subdir: str = ".hydra") -> str:
@@ -312,7 +320,7 @@ def check_writable(run_dir: Path, cfg: DictConfig) -> None:
     files = [run_dir / "results.json", run_dir / "metrics.csv", run_dir / "model.txt"]
     folders = {run_dir}
     for c in (cfg.get("callbacks") or {}).values():
-        if isinstance(c, DictConfig) and "ModelCheckpoint" in str(c.get("_target_", "")):
+        if isinstance(c, DictConfig) and "dirpath" in c:  # checkpoint callbacks, by their key
             folders.add(Path(str(c.get("dirpath") or run_dir / "checkpoints")))
     for path in files:
         if path.is_dir():

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.analysis import maybe_analyse
 from framework.build import build_module
 from framework.callbacks import RunIds, build_callbacks, step_time
-from framework.checkpoints import LoadedCheckpoint
+from framework.checkpoints import LoadedCheckpoint, size_line
 from framework.checks import validate
 from framework.faults import trainer_kwargs
 from framework.inspect import describe_model, load_weights
@@ -103,6 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ids = _checkpoint_ids(startup.checkpoint)
     loggers = build_loggers(cfg, run_dir, ids)
     callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers), title=run_name(cfg))
+    if not cfg.test_only:
+        log.info(size_line(net, cfg, callbacks))
     kwargs = trainer_kwargs(cfg, preloaded=startup.checkpoint)  # Lightning gets it, not a reread
     startup.checkpoint = startup.init = None
     trainer: pl.Trainer = instantiate(
@@ -122,13 +124,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
             )
         train_time = total_train_time(trainer, time.perf_counter() - start)
-        best = _best_checkpoint(trainer)
+        best_cb = _best_checkpoint(trainer)
+        best = best_cb.best_model_path if best_cb is not None else None
         if cfg.test_only and ckpt_path is not None:
-            best = ckpt_path
+            best_cb, best = None, ckpt_path
         test = trainer.test(
             model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=weights_only
         )
         results = _results(trainer, model, test, counts, train_time, best, run_dir)
+        if best_cb is not None and best_cb.best_model_score is not None:
+            # the tested checkpoint's own score: one lineage, also across run directories
+            results["val/acc1_best"] = float(best_cb.best_model_score)
         if trainer.is_global_zero:
             write_json(run_dir / "results.json", results)
             for lg in loggers:
@@ -149,13 +155,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()
 
 
-def _best_checkpoint(trainer: pl.Trainer) -> str | None:
-    """Path of the best checkpoint by the monitored metric (None without one)."""
+def _best_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The callback holding the best checkpoint by the monitored metric (None without one)."""
     if trainer.fast_dev_run:
         return None
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
-            return cb.best_model_path
+            return cb
     return None
 
 

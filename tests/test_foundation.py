@@ -19,6 +19,8 @@ def test_main_help_lists_config_groups() -> None:
     ).stdout
     assert "== Configuration groups ==" in out
     assert "dataset: " in out
+    assert "hydra/launcher: local, slurm" in out  # Hydra's listing leaves launchers out
+    assert "schema/" not in out  # internal structured-config groups are not options
 
 
 def test_print_resolved_job_config() -> None:
@@ -28,3 +30,5 @@ def test_print_resolved_job_config() -> None:
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
     assert "K: 5" in out and "padding: 1" in out and "Traceback" not in out
+    assert "None" not in out  # the run directory it would get, not `None/checkpoints`
+    assert f"dirpath: {ROOT}/outputs/runs/" in out

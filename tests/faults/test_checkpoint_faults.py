@@ -42,7 +42,7 @@ def test_disk_full_stops_the_run_at_once_and_keeps_earlier_checkpoints(
         run(cfg)
     assert "ckpt_path=last" in str(err.value)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert [r["epoch"] for r in rows] == ["0", "1"]  # stopped in epoch 1, not trained on
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # stopped in epoch 2, not trained on
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".")) == []  # no temp
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)

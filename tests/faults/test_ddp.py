@@ -34,9 +34,9 @@ def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path) -> None:
     proc = run_main([*VIT, *DDP, f"hydra.run.dir={two}"], env={"CI": "1"}, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert out.count("epoch 0 |") == 1 and out.count("`Trainer.fit` stopped") == 1
+    assert out.count("epoch 1 |") == 1 and out.count("`Trainer.fit` stopped") == 1
     a, b = _rows(one), _rows(two)
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["0", "1"]
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2"]
     for ra, rb in zip(a, b):
         for key in ra:
             assert float(rb[key]) == pytest.approx(float(ra[key]), abs=1e-5), key
@@ -60,3 +60,30 @@ def test_cpu_ddp_with_batchnorm_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SyncBatchNorm" not in proc.stderr
     assert (tmp_path / "results.json").is_file()
+
+
+
+@pytest.mark.slow
+def test_ddp_evaluates_every_image_once(tmp_path: Path) -> None:
+    """1 vs 2 processes with odd splits (130 validation, 361 test images: a padding sampler
+    counts an image twice, and the test shards get 11 and 10 batches): the same validation
+    metrics after the same two training steps, and the same checkpoint tests identically."""
+    data = [*VIT[:-5], "dataset.batch_size=36", "dataset.test_split=0.2005",
+            "dataset.val_split=0.0905", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    one, two, same = tmp_path / "one", tmp_path / "two", tmp_path / "same"
+    proc = run_main([*data, "trainer=cpu", f"hydra.run.dir={one}"], env={"CI": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = one / "checkpoints" / "last.ckpt"
+    runs = ((two, []), (same, ["test_only=true", f"init_from={ckpt}"]))
+    for run_dir, extra in runs:
+        proc = run_main([*data, *DDP, *extra, f"hydra.run.dir={run_dir}"], env={"CI": "1"},
+                        timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "DistributedSampler" not in proc.stderr + proc.stdout
+    (ra,), (rb,) = _rows(one), _rows(two)
+    for key in ("val/acc1", "val/acc5", "val/loss"):
+        assert float(rb[key]) == pytest.approx(float(ra[key]), abs=1e-5), key
+    a, b, c = (json.loads((d / "results.json").read_text()) for d in (one, two, same))
+    for key in ("test/acc1", "test/acc5", "test/loss"):
+        assert b[key] == pytest.approx(a[key], abs=1e-5), key
+        assert c[key] == pytest.approx(a[key], abs=1e-6), key

@@ -37,20 +37,20 @@ def test_huge_lr_stops_with_the_epoch_named_and_keeps_the_last_finite_checkpoint
     assert match, proc.stderr[-2000:]
     assert "Likely causes" in proc.stderr and "optimizer.lr=1000000.0" in proc.stderr
     assert "Traceback" not in proc.stderr
-    epoch = int(match.group(1))
-    assert epoch < 5  # stopped, not trained to the end
+    epoch = int(match.group(1))  # counted from 1, as a person reads it
+    assert 1 <= epoch < 6  # stopped, not trained to the end
     assert not (tmp_path / "results.json").exists()
     last = tmp_path / "checkpoints" / "last.ckpt"
-    if epoch == 0:
+    if epoch == 1:
         assert not last.exists()
-    else:
-        assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == epoch - 1
+    else:  # the epoch before, in Lightning's 0-based count
+        assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == epoch - 2
         assert _finite(last)
         assert str(last) in proc.stderr
 
 
 def test_patience_allows_non_finite_epochs_and_keeps_a_finite_copy(tmp_path: Path) -> None:
-    # lr 0.01 in epoch 0, then 1e6: the weights blow up in epoch 1.
+    # lr 0.01 in epoch 1, then 1e6: the weights blow up in epoch 2 (counted from 1).
     cfg = compose_cfg([*TINY, "trainer.max_epochs=6", "optimizer=sgd", "optimizer.lr=0.01",
                        "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=1e8",
                        "callbacks.stop_on_nonfinite.patience=2", "trainer.gradient_clip_val=null"],
@@ -59,7 +59,7 @@ def test_patience_allows_non_finite_epochs_and_keeps_a_finite_copy(tmp_path: Pat
         run(cfg)
     spare = tmp_path / "checkpoints" / LAST_FINITE
     assert f"The last finite checkpoint is {spare}" in str(err.value)
-    assert "Training stopped at epoch 2" in str(err.value)
+    assert "Training stopped at epoch 3" in str(err.value)
     assert torch.load(spare, map_location="cpu", weights_only=True)["epoch"] == 0
     assert _finite(spare)
 

@@ -56,7 +56,8 @@ def test_unreadable_checkpoint_is_refused_and_nothing_rewritten(run_dir: Path, d
     proc = _resume(run_dir, "ckpt_path=last")
     assert proc.returncode == 1
     assert f"ckpt_path={last} cannot be read as a checkpoint" in proc.stderr
-    assert "truncated or corrupt" in proc.stderr and "best-epoch000" in proc.stderr
+    assert "truncated or corrupt" in proc.stderr and "best-epoch001" in proc.stderr
+    assert "hold(s) weights only: start a new run from it with init_from=PATH" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _snapshot(run_dir) == before
 
@@ -122,7 +123,7 @@ def test_more_epochs_resume_and_keep_every_record(tmp_path: Path) -> None:
 
     resumed, expected = rows(run_dir), rows(straight)
     assert [r["step"] for r in resumed] == [r["step"] for r in expected]
-    assert {"0", "1"} <= {r["epoch"] for r in resumed}  # the first attempt's rows stay
+    assert {"1", "2"} <= {r["epoch"] for r in resumed}  # the first attempt's rows stay
     for a, b in zip(resumed, expected):
         for key in b:
             if b[key]:

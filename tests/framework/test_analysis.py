@@ -121,3 +121,28 @@ def test_run_writes_stats_and_pictures_and_test_only_reproduces_them(tmp_path: P
     again = tmp_path / "test_only"
     run(compose_cfg([*common, "test_only=true", f"init_from={ckpt}"], out=again))
     assert _strict_load(again / "neighbours" / "stats.json") == stats
+
+
+def test_pictures_have_a_legend_and_plain_titles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader needs to know what the stars, dots and margin are, and which layer it is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from framework.analysis import _plot_layer
+
+    saved: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    rec = _record([[5, 10], [6, 0], [9, 9], [10, 15]], (4, 4), (2, 2), 1)
+    geo = layer_geometry(rec, image_size=2)
+    _plot_layer("features.3.first", rec, geo, torch.zeros(1, 2, 2, 1), 2, tmp_path, (2, 3))
+    (fig,) = saved
+    title = fig.get_suptitle()
+    assert title.startswith("What layer 2 of 3 (number 2 ConvNN-family layer) looks at")
+    assert "`features.3.first` (test, K=2, on a 2×2 map)" in title
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["query (star)", "its K neighbours (dots, same colour)",
+                      "zero padding: dots in the margin around the image"]

@@ -14,7 +14,7 @@ from datamodules import (
     FakeDataModule,
     ImageNetDataModule,
 )
-from datamodules.base import EpochSeededSampler
+from datamodules.base import EpochSeededSampler, EvalShardSampler
 
 from .helpers import write_tiny_cifar, write_tiny_imagefolder
 
@@ -67,6 +67,25 @@ def test_train_order_depends_only_on_seed_and_epoch() -> None:
     c = EpochSeededSampler(data, seed=4)
     c.set_epoch(4)
     assert list(c) != list(a)
+
+
+def test_ddp_shards_train_evenly_and_evaluate_every_image_once() -> None:
+    """Two processes: training shards split the (seed, epoch) permutation, padded to equal
+    length; evaluation shards are disjoint, unpadded and cover every image once (361 images)."""
+    data = list(range(361))
+    whole = EpochSeededSampler(data, seed=3)
+    whole.set_epoch(2)
+    train = [EpochSeededSampler(data, seed=3, rank=r, num_replicas=2) for r in (0, 1)]
+    for s in train:
+        s.set_epoch(2)
+    shards = [list(s) for s in train]
+    assert [len(x) for x in shards] == [len(s) for s in train] == [181, 181]
+    interleaved = [i for pair in zip(*shards) for i in pair]
+    order = list(whole)
+    assert interleaved[:361] == order and interleaved[361] == order[0]
+    evals = [list(EvalShardSampler(data, rank=r, num_replicas=2)) for r in (0, 1)]
+    assert [len(e) for e in evals] == [len(EvalShardSampler(data, r, 2)) for r in (0, 1)]
+    assert sorted(evals[0] + evals[1]) == data and not set(evals[0]) & set(evals[1])
 
 
 def test_fake_defaults_mimic_cifar10() -> None:

@@ -42,7 +42,7 @@ def test_digits_run_writes_every_output(tmp_path: Path) -> None:
     model_txt = (tmp_path / "model.txt").read_text()
     assert "SimpleNet" in model_txt and "FLOPs" in model_txt and "parameters" in model_txt
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # counted from 1
     assert {"train/loss", "val/acc1", "lr"} <= set(rows[0])
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -76,7 +76,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert diff <= 1e-6
     rows = list(csv.DictReader((part / "metrics.csv").open()))
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # counted from 1
     states = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu",
                         weights_only=True)["callbacks"]
     curves = [v for k, v in states.items() if k.startswith("TrainingCurves")]
@@ -134,7 +134,7 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert _results(tmp_path)["epochs"] == epoch + 2
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == list(range(epoch + 2))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epoch + 3))
 
 
 def test_multirun_summary_survives_a_failing_job(tmp_path: Path) -> None:
