@@ -75,13 +75,18 @@ def _run(kind: str, calls: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the processes (layers interleaved, so load drifts hit each alike) and write results."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also checked by the README tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="processes per layer")
     parser.add_argument("--calls", type=int, default=300, help="timed calls per process")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the processes (layers interleaved, so load drifts hit each alike) and write results."""
+    args = parse_args(argv)
     load_before, started = _load(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     runs: dict[str, list[dict]] = {k: [] for k in LAYERS}
     for _ in range(args.repeats):

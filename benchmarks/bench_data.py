@@ -106,8 +106,8 @@ def _cifar(n: int) -> Callable[[int], Any]:
     return lambda i: transform(images[i])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Measure each pipeline and write the results."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also checked by the README tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=64, help="generated JPEGs")
     parser.add_argument("--seconds", type=float, default=10.0, help="timing per pipeline")
@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> None:
         "to turn the per-worker rate into a worker count",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure each pipeline and write the results."""
+    args = parse_args(argv)
     torch.set_num_threads(1)
     random.seed(0)
     torch.manual_seed(0)

@@ -80,7 +80,8 @@ def _others(path: str) -> str:
     here = Path(path)
     others = sorted(p.name for p in here.parent.glob("*.ckpt") if p.name != here.name)
     full = [n for n in others if n.startswith("last")]
-    weights = [n for n in others if not n.startswith("last")]
+    weights = [n for n in others if n.startswith("best")]
+    rest = [n for n in others if n not in full and n not in weights]
     hints = []
     if full:
         hints.append(f"Resume from {' or '.join(full)} there with ckpt_path=PATH.")
@@ -89,6 +90,8 @@ def _others(path: str) -> str:
             f"{', '.join(weights)} there hold(s) weights only: start a new run from it with "
             "init_from=PATH."
         )
+    if rest:
+        hints.append(f"Other checkpoints there: {', '.join(rest)}.")
     return " ".join(hints) or "No other checkpoint is there."
 
 
