@@ -153,6 +153,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy a DDP process group Lightning left open: a process exiting with the group alive
+    can abort in its C++ teardown ("terminate called without an active exception", exit -6)
+    after a successful run, which a scheduler counts as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
