@@ -13,13 +13,15 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import transforms as T
 
 from datamodules.augment import BatchMixer, auto_augment_steps, random_erasing_steps
-from datamodules.errors import DataError
+from datamodules.errors import ConfigError, DataError
 
 __all__ = [
     "BaseDataModule",
     "DataError",
     "EpochSeededSampler",
     "GaussianNoise",
+    "ResumableLoader",
+    "SeededTransforms",
     "split_indices",
 ]
 
@@ -56,21 +58,73 @@ class EpochSeededSampler(RandomSampler):
     def __init__(self, data_source: Sequence[Any], seed: int) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = int(seed)
+        self._resume: tuple[int, int] | None = None
         self.set_epoch(0)
 
     def _epoch_seed(self) -> int:
         return self.seed * 1_000_003 + self.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (Lightning calls this before every epoch)."""
+        """Select the permutation of ``epoch`` (Lightning calls this before every epoch); a
+        dataset with ``set_epoch`` (:class:`SeededTransforms`) follows."""
         self.epoch = int(epoch)
         self.generator.manual_seed(self._epoch_seed())
+        if hasattr(self.data_source, "set_epoch"):
+            self.data_source.set_epoch(self.epoch)
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        """The next iteration over ``epoch`` starts after its first ``samples`` indices."""
+        self._resume = (int(epoch), int(samples))
 
     def __iter__(self) -> Iterator[int]:
         perm = torch.randperm(
             len(self.data_source), generator=torch.Generator().manual_seed(self._epoch_seed())
-        )
-        return iter(perm.tolist())
+        ).tolist()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            perm = perm[self._resume[1] :]
+        self._resume = None
+        return iter(perm)
+
+
+class SeededTransforms(Subset):
+    """The training subset whose random transforms draw from a generator seeded by (seed,
+    epoch, index), not from the global one: an image's augmentation does not depend on which
+    batches came before it, on the number of workers or on a resume in the middle of an epoch."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], seed: int) -> None:
+        super().__init__(dataset, indices)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, idx: int) -> Any:  # type: ignore[override]
+        seed = (self.seed * 1_000_003 + self.epoch) * 2_654_435_761 + int(idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % 2**63)
+            return super().__getitem__(idx)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its position in the epoch as state: Lightning stores the
+    ``state_dict`` of such loaders in checkpoints, so a run stopped in the middle of an epoch
+    resumes with the batches it had not trained on (``position``: batches trained so far)."""
+
+    position: Any = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the batches of it already trained."""
+        if not isinstance(self.sampler, EpochSeededSampler) or self.position is None:
+            return {}
+        return {"epoch": self.sampler.epoch, "batches": int(self.position())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip the batches of ``state["epoch"]`` already trained."""
+        if state and isinstance(self.sampler, EpochSeededSampler):
+            batch = self.batch_size or 1
+            self.sampler.resume_at(state["epoch"], state["batches"] * batch)
 
 
 def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:
@@ -106,6 +160,8 @@ class BaseDataModule(pl.LightningDataModule):
     std: tuple[float, ...] = (0.5,)
     native_dims: tuple[int, int, int] = (3, 32, 32)
     default_num_classes: int = 10
+    #: The config key that sets the training set's size, if one does (named in size errors).
+    size_key: str | None = None
 
     def __init__(
         self,
@@ -208,10 +264,28 @@ class BaseDataModule(pl.LightningDataModule):
             full_train = self.build_train(self.train_transform())
             full_eval = self.build_train(self.eval_transform())
             train_idx, val_idx = self.train_val_indices(full_train)
-            self.train_set = Subset(full_train, train_idx)
+            self._check_split(len(full_train), len(train_idx), len(val_idx))
+            self.train_set = SeededTransforms(full_train, train_idx, self.seed)
             self.val_set = Subset(full_eval, val_idx)
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self.build_test(self.eval_transform())
+
+    def _check_split(self, total: int, n_train: int, n_val: int) -> None:
+        """Both parts of the train/validation split must hold at least one image."""
+        if n_train and n_val:
+            return
+        size = f" ({self.size_key}={total})" if self.size_key else ""
+        raise ConfigError(
+            f"Invalid configuration: dataset.val_split={self.val_split} splits the {total} "
+            f"training images of dataset={self.name}{size} into {n_train} for training and "
+            f"{n_val} for validation; each part needs at least one image. Use more images or "
+            "another dataset.val_split."
+        )
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split after :meth:`setup` (``train``, ``val``, ``test``)."""
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return {k: len(v) for k, v in sets.items() if v is not None}  # type: ignore[arg-type]
 
     # ------------------------------------------------------------- loaders
     @property
@@ -229,7 +303,7 @@ class BaseDataModule(pl.LightningDataModule):
         if dataset is None:
             raise DataError(f"{self.name}: setup() has not built this split")
         sampler = EpochSeededSampler(dataset, self.seed) if train else None
-        return DataLoader(
+        loader = (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.per_device_batch_size,
             sampler=sampler,
@@ -239,6 +313,10 @@ class BaseDataModule(pl.LightningDataModule):
             persistent_workers=False,
             drop_last=False,
         )
+        trainer = self.trainer
+        if train and trainer is not None:
+            loader.position = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return loader
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """MixUp/CutMix training batches: ``(x, y)`` → ``(x_mixed, y, soft_targets)``."""

@@ -26,11 +26,21 @@ from torch import Tensor, nn
 
 from convnn import ConvNNBase
 from datamodules.base import BaseDataModule
-from framework.build import build_datamodule, build_layer, build_net, net_name, user_error
+from framework.build import (
+    build_datamodule,
+    build_layer,
+    build_module,
+    build_net,
+    net_name,
+    user_error,
+)
+from framework.construct import Batches, build_trainer, check_data, check_optimization, in_multirun
 from framework.errors import ConfigError
 from framework.resume import check_resume
+from framework.rules import check_effect, check_network_effect, check_numbers, check_ranges
+from framework.sizing import SizeEstimate, activation_bytes, check_size, meta_count
 from models.layer_factory import LayerFactory
-from models.module import CRITERIA, LOGGED_METRICS
+from models.module import CRITERIA, LOGGED_METRICS, ImageClassifier
 
 __all__ = [
     "ConfigError",
@@ -68,8 +78,10 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-        isinstance(value, float) and math.isnan(value)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not (isinstance(value, float) and math.isnan(value))
     )
 
 
@@ -172,8 +184,6 @@ def _check_optimizer(o: Any) -> None:
     if "eps" in o:
         _number(o, "eps", p, 0.0, math.inf, low_open=True)
     if "momentum" in o:
-        _number(o, "momentum", p, 0.0, math.inf)
-        _number(o, "dampening", p, 0.0, 1.0)
         if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
             raise ConfigError(
                 f"Invalid configuration: optimizer.nesterov=true needs optimizer.momentum > 0 "
@@ -216,9 +226,7 @@ def _check_scheduler(s: Any) -> None:
                 f"{monitor!r} would reduce the lr while the metric improves; use mode={wanted}."
             )
     elif s.get("monitor") is not None and s.monitor not in LOGGED_METRICS:
-        raise _fail(
-            "scheduler.monitor", s.monitor, f"must be one of {', '.join(LOGGED_METRICS)}"
-        )
+        raise _fail("scheduler.monitor", s.monitor, f"must be one of {', '.join(LOGGED_METRICS)}")
 
 
 def _check_trainer(t: Any, batch: int) -> None:
@@ -301,6 +309,7 @@ def _check_unknown_keys(node: Any, prefix: str = "") -> None:
 def check_config(cfg: DictConfig) -> None:
     """Value checks on the composed config that need no model (ranges, choices, files)."""
     _check_unknown_keys(cfg)
+    check_numbers(cfg)  # every float finite, every int within 64 bits
     _int(cfg, "seed", "", 0, SEED_MAX)
     _choice(cfg, "criterion", "", CRITERIA)
     _number(cfg, "label_smoothing", "", 0.0, 1.0, high_open=True)
@@ -320,6 +329,8 @@ def check_config(cfg: DictConfig) -> None:
             "a run (weights, optimizer, epoch), init_from only loads weights; choose one."
         )
     _check_recipes(cfg)
+    check_ranges(cfg)  # rates and bounds declared in framework.rules.RANGES
+    check_effect(cfg, in_multirun())  # options the composed config would ignore
 
 
 # ------------------------------------------------------------------------ recipe checks
@@ -341,7 +352,6 @@ def _check_recipes(cfg: DictConfig) -> None:
 
     e = cfg.get("ema")
     if e and e.get("enabled", False):
-        _number(e, "decay", "ema.", 0.0, 1.0)
         _int(e, "update_every_n_steps", "ema.", 1)
         if e.get("update_starting_at_step") is not None:
             _int(e, "update_starting_at_step", "ema.", 0)
@@ -507,10 +517,30 @@ class Startup:
     layer: LayerFactory
     net: nn.Module
     ckpt_path: str | None
+    trainer: pl.Trainer | None = None
+    module: ImageClassifier | None = None
+    batches: Batches | None = None
+    size: SizeEstimate | None = None
+
+
+def _check_kernel(cfg: DictConfig, dims: tuple[int, int, int]) -> None:
+    """A kernel wider than ``2·max(H, W) − 1`` has weights that only ever see zero padding,
+    on every map of the network (no map is larger than the input)."""
+    k = cfg.layer.get("kernel_size")
+    largest = max(dims[1:])
+    if isinstance(k, int) and k > 2 * largest - 1:
+        raise ConfigError(
+            f"Invalid configuration: layer.kernel_size={k} is larger than any map it convolves "
+            f"(the input is {dims[1]}×{dims[2]}): weights beyond {2 * largest - 1}×"
+            f"{2 * largest - 1} only ever multiply zero padding. Use layer.kernel_size ≤ "
+            f"{2 * largest - 1}."
+        )
 
 
 def validate(cfg: DictConfig) -> Startup:
-    """All start-up checks, in order of cost: values, then the network and its shape probe.
+    """All start-up checks, in order of cost: values; the Trainer; the data splits; the network
+    (counted on the meta device, then built and probed); the optimizer and scheduler; the
+    checkpoints. Nothing is written.
 
     Seeds before the network is built, so its initial weights are the seed's.
     """
@@ -519,15 +549,46 @@ def validate(cfg: DictConfig) -> Startup:
     datamodule = build_datamodule(cfg)
     layer = build_layer(cfg)
     datamodule.check_available()
+    trainer = build_trainer(
+        cfg,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batches = check_data(cfg, datamodule, trainer)
+    dims, classes = datamodule.dims, datamodule.num_classes
+    _check_kernel(cfg, dims)
+    device = trainer.strategy.root_device
+    params = meta_count(lambda: build_net(cfg, layer, dims, classes))
+    if params is not None:
+        check_size(cfg, params, device)  # before the weights take any memory
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = build_net(cfg, layer, datamodule.dims, datamodule.num_classes)
-    seen = probe(net, datamodule.dims, cfg)
+    net = build_net(cfg, layer, dims, classes)
+    seen = probe(net, dims, cfg)
     _warn_sampling_fallback(net, seen, cfg)
+    check_network_effect(cfg, net, in_multirun())
+    per_device = max(1, datamodule.batch_size // max(1, trainer.world_size))
+    params = sum(p.numel() for p in net.parameters())
+    size = check_size(cfg, params, device, activation_bytes(net, dims), per_device)
+    log.info("Size: %s", size.describe())
+    module = build_module(cfg, net, classes)
+    check_optimization(module, cfg, None if cfg.test_only else batches)
     name = net_name(cfg)
     if ckpt_path is not None:
         check_resume(cfg, ckpt_path)  # readable, and the same run's config
         check_checkpoint(ckpt_path, "ckpt_path", net, name, strict=True)
     if cfg.init_from is not None:
         check_checkpoint(str(cfg.init_from), "init_from", net, name, strict=bool(cfg.test_only))
-    log.info("Config checked: %s built and probed on a %s input", net_name(cfg), datamodule.dims)
-    return Startup(datamodule=datamodule, layer=layer, net=net, ckpt_path=ckpt_path)
+    log.info("Config checked: %s built and probed on a %s input", net_name(cfg), dims)
+    return Startup(
+        datamodule=datamodule,
+        layer=layer,
+        net=net,
+        ckpt_path=ckpt_path,
+        trainer=trainer,
+        module=module,
+        batches=batches,
+        size=size,
+    )

@@ -20,7 +20,12 @@ class _KeepingWriter(ExperimentWriter):
     """Lightning's CSV writer, minus deleting ``metrics.csv`` when the folder exists."""
 
     def _check_log_dir_exists(self) -> None:
-        """Keep earlier rows; :meth:`keep_before` trims them once the resumed step is known."""
+        """Keep earlier rows and their columns (a new column rewrites the file with every old
+        one); :meth:`keep_before` trims the rows once the resumed step is known."""
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                fields = csv.DictReader(f).fieldnames or []
+            self.metrics_keys = sorted(set(self.metrics_keys) | set(fields))
 
     def keep_before(self, step: int) -> None:
         """Drop rows at ``step`` or later (logged after the checkpoint being resumed)."""
