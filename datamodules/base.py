@@ -106,6 +106,10 @@ class SeededTransforms(Subset):
             torch.manual_seed(seed % 2**63)
             return super().__getitem__(idx)
 
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Each sample with its own seeded draw (the DataLoader's batched fetch)."""
+        return [self[i] for i in indices]
+
 
 class ResumableLoader(DataLoader):
     """The training loader, with its position in the epoch as state: Lightning stores the
