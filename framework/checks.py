@@ -254,6 +254,8 @@ def _check_trainer(t: Any, batch: int) -> None:
                 f"trainer.{key}", value, "must be a batch count ≥ 0 or a fraction in [0.0, 1.0]"
             )
     devices = t.devices
+    if (isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices)) and not len(devices):
+        raise _fail("trainer.devices", [], "must list at least one device (or be ≥ 1 or 'auto')")
     if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
         raise _fail("trainer.devices", devices, "must be ≥ 1, -1 (all), 'auto' or a list")
     world = world_size(t)

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +40,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What the Trainer's constructor raises for a value it rejects (Lightning, torch, importlib).
-TRAINER_ERRORS = (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError)
+# (AttributeError: a ``max_time`` number, which the Timer takes for a timedelta.)
+TRAINER_ERRORS = (
+    MisconfigurationException,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    ImportError,
+    AttributeError,
+)
 # Everything the Trainer would write or print is off while a failure is narrowed down.
 _QUIET = {
     "logger": False,
@@ -119,6 +128,9 @@ def build_trainer(cfg: DictConfig, **extra: Any) -> pl.Trainer:
     """``Trainer(**cfg.trainer, **extra)``; a refusal becomes a :class:`ConfigError` naming the
     ``trainer.*`` keys that cause it, their values and Lightning's reason."""
     options = trainer_options(cfg)
+    if SLURMEnvironment.detect():  # submitit requeues (see README); Lightning's requeue is off
+        plugins = list(extra.get("plugins") or [])
+        extra["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
     try:
         trainer = pl.Trainer(**{**options, **extra})
     except TRAINER_ERRORS as err:

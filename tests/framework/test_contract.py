@@ -147,3 +147,68 @@ def test_bad_input_exits_1_before_any_run_file(name: str, outcomes: dict[str, di
     if run_dir.is_dir():
         assert {p.name for p in run_dir.iterdir()} <= ALLOWED, output
 
+
+
+# ------------------------------------------------------------------------------- in process
+def test_option_without_effect_is_warned_once_in_a_multirun(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from framework.errors import ConfigError
+    from framework.rules import _WARNED, check_effect
+
+    from .helpers import compose_cfg
+
+    cfg = compose_cfg([*BASE, "layer=conv", "sampling=random"])
+    with pytest.raises(ConfigError, match=r"sampling\.sampling_type=.random.*has no effect"):
+        check_effect(cfg, multirun=False)
+    _WARNED.clear()
+    with caplog.at_level("WARNING"):
+        check_effect(cfg, multirun=True)
+        check_effect(cfg, multirun=True)
+    assert caplog.text.count("has no effect with layer=conv") == 1
+
+
+def test_a_debug_preset_cut_warns_instead_of_refusing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from framework import construct
+    from framework.checks import validate
+    from framework.errors import ConfigError
+
+    from .helpers import compose_cfg
+
+    cfg = compose_cfg([*BASE, "trainer.check_val_every_n_epoch=5"], out=tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer\.check_val_every_n_epoch=5"):
+        validate(cfg)
+    monkeypatch.setattr(construct, "in_debug_preset", lambda: True)
+    with caplog.at_level("WARNING"):
+        validate(cfg)
+    assert "a debug preset shortens this run" in caplog.text
+
+
+def test_size_estimate_is_logged_and_refusal_names_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from framework import sizing
+    from framework.checks import validate
+    from framework.errors import ConfigError
+
+    from .helpers import compose_cfg
+
+    cfg = compose_cfg([*BASE, "layer=conv", "layer.kernel_size=5"], out=tmp_path)
+    with caplog.at_level("INFO"):
+        startup = validate(cfg)
+    params = sum(p.numel() for p in startup.net.parameters())
+    assert f"Size: {params:,} parameters" in caplog.text
+    assert startup.size is not None and startup.size.param_bytes == 16 * params
+    # a device with room for the activations but not for the parameters' training state
+    monkeypatch.setattr(sizing, "device_memory", lambda device: (16 * params, "RAM"))
+    with pytest.raises(ConfigError, match=r"layer.kernel_size=5, net=SimpleNet"):
+        validate(cfg)
+    # a device the parameters' training state fits (with 1 % to spare) but not a batch's
+    # activations
+    big = compose_cfg([*BASE, "layer=conv", "dataset.batch_size=1024"], out=tmp_path)
+    room = int(16 * params / sizing.LIMIT * 1.01)
+    monkeypatch.setattr(sizing, "device_memory", lambda device: (room, "RAM"))
+    with pytest.raises(ConfigError, match=r"^Invalid configuration: dataset.batch_size=1024 — "):
+        validate(big)
