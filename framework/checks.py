@@ -15,12 +15,13 @@ import logging
 import math
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -34,8 +35,12 @@ from framework.build import (
     net_name,
     user_error,
 )
+from framework.callbacks import RunIds, build_callbacks
 from framework.construct import Batches, build_trainer, check_data, check_optimization, in_multirun
 from framework.errors import ConfigError
+from framework.faults import trainer_kwargs
+from framework.lifecycle import completed
+from framework.loggers import build_loggers
 from framework.resume import check_resume
 from framework.rules import check_effect, check_network_effect, check_numbers, check_ranges
 from framework.sizing import SizeEstimate, activation_bytes, check_size, meta_count
@@ -523,6 +528,10 @@ class Startup:
     module: ImageClassifier | None = None
     batches: Batches | None = None
     size: SizeEstimate | None = None
+    loggers: list[Logger] = field(default_factory=list)
+    ids: dict[str, str] = field(default_factory=dict)
+    #: Why a resumed run is already complete (``None``: it trains).
+    complete: str | None = None
 
 
 def _check_kernel(cfg: DictConfig, dims: tuple[int, int, int]) -> None:
@@ -539,27 +548,37 @@ def _check_kernel(cfg: DictConfig, dims: tuple[int, int, int]) -> None:
         )
 
 
+def _run_ids(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """Logger run ids stored in a checkpoint (the W&B run a resume continues)."""
+    state = checkpoint.get("callbacks", {}).get(RunIds.KEY)
+    return dict(state.get("ids", {})) if isinstance(state, dict) else {}
+
+
 def validate(cfg: DictConfig) -> Startup:
-    """All start-up checks, in order of cost: values; the Trainer; the data splits; the network
+    """All start-up checks, in order of cost: values; the checkpoint to resume; the Trainer with
+    its loggers and callbacks (constructed, nothing written); the data splits; the network
     (counted on the meta device, then built and probed); the optimizer and scheduler; the
-    checkpoints. Nothing is written.
+    weights to load. What is built here is what the run uses.
 
     Seeds before the network is built, so its initial weights are the seed's.
     """
     check_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))
+    resume = check_resume(cfg, ckpt_path)  # readable, and the same run's config
+    complete = None
+    if ckpt_path is not None and not cfg.test_only:
+        complete = completed(resume.checkpoint, cfg)
     datamodule = build_datamodule(cfg)
     layer = build_layer(cfg)
     datamodule.check_available()
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    ids = _run_ids(resume.checkpoint)
+    loggers = build_loggers(cfg, run_dir, ids)
+    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
     trainer = build_trainer(
-        cfg,
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        cfg, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
     )
-    batches = check_data(cfg, datamodule, trainer)
+    batches = check_data(cfg, datamodule, trainer, train=complete is None and not cfg.test_only)
     dims, classes = datamodule.dims, datamodule.num_classes
     _check_kernel(cfg, dims)
     device = trainer.strategy.root_device
@@ -579,7 +598,6 @@ def validate(cfg: DictConfig) -> Startup:
     check_optimization(module, cfg, None if cfg.test_only else batches)
     name = net_name(cfg)
     if ckpt_path is not None:
-        check_resume(cfg, ckpt_path)  # readable, and the same run's config
         check_checkpoint(ckpt_path, "ckpt_path", net, name, strict=True)
     if cfg.init_from is not None:
         check_checkpoint(str(cfg.init_from), "init_from", net, name, strict=bool(cfg.test_only))
@@ -593,4 +611,7 @@ def validate(cfg: DictConfig) -> Startup:
         module=module,
         batches=batches,
         size=size,
+        loggers=loggers,
+        ids=ids,
+        complete=complete,
     )

@@ -190,10 +190,13 @@ def _setup(datamodule: BaseDataModule, test_only: bool) -> None:
     datamodule.setup("test" if test_only else None)
 
 
-def check_data(cfg: DictConfig, datamodule: BaseDataModule, trainer: pl.Trainer) -> Batches:
-    """Split sizes and batches per stage; refuses a run that cannot train, validate or test."""
-    test_only = bool(cfg.test_only)
-    _setup(datamodule, test_only)
+def check_data(
+    cfg: DictConfig, datamodule: BaseDataModule, trainer: pl.Trainer, train: bool = True
+) -> Batches:
+    """Split sizes and batches per stage; refuses a run that cannot train, validate or test
+    (``train=False``: ``test_only``, or a finished run that is only resumed: no training rule)."""
+    test_only = not train
+    _setup(datamodule, bool(cfg.test_only))
     sizes = datamodule.split_sizes()
     world = max(1, int(trainer.world_size))
     per_device = max(1, datamodule.batch_size // world)

@@ -97,10 +97,39 @@ def _logger_schemas() -> dict[str, type]:
     }
 
 
+def _callback_schemas() -> dict[str, type]:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from framework.callbacks import auto_progress_bar
+    from framework.console import ModelSummaryNoFlops
+    from framework.faults import StopOnNonFiniteLoss
+
+    targets = {
+        "checkpoint": ("lightning.pytorch.callbacks.ModelCheckpoint", ModelCheckpoint.__init__),
+        "lr_monitor": (
+            "lightning.pytorch.callbacks.LearningRateMonitor",
+            LearningRateMonitor.__init__,
+        ),
+        "model_summary": ("framework.console.ModelSummaryNoFlops", ModelSummaryNoFlops.__init__),
+        "progress": ("framework.callbacks.auto_progress_bar", auto_progress_bar),
+        "stop_on_nonfinite": (
+            "framework.faults.StopOnNonFiniteLoss",
+            StopOnNonFiniteLoss.__init__,
+        ),
+    }
+    return {
+        name: signature_schema(f"Callback_{name}", target, func)
+        for name, (target, func) in targets.items()
+    }
+
+
 def register_group_schemas() -> None:
-    """Register ``schema/ema/ema``, ``schema/analysis/analysis`` and ``schema/logger/<name>``."""
+    """Register ``schema/ema/ema``, ``schema/analysis/analysis``, ``schema/logger/<name>`` and
+    ``schema/callbacks/<name>``."""
     cs = ConfigStore.instance()
     cs.store(group="schema/ema", name="ema", node=EmaConf)
     cs.store(group="schema/analysis", name="analysis", node=AnalysisConf)
     for name, node in _logger_schemas().items():
         cs.store(group="schema/logger", name=name, node=node)
+    for name, node in _callback_schemas().items():
+        cs.store(group="schema/callbacks", name=name, node=node)

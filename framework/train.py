@@ -3,28 +3,24 @@ and summarise multirun sweeps."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from framework.analysis import maybe_analyse
-from framework.build import build_module
-from framework.callbacks import RunIds, build_callbacks
 from framework.checks import validate
-from framework.faults import trainer_kwargs
 from framework.inspect import describe_model, load_weights
 from framework.jsonio import write_json
+from framework.lifecycle import GracefulStop, exit_on_sigterm
+from framework.loggers import write_run_ids
 from framework.resume import total_train_time
 from framework.rundir import check_writable
 from models.module import ImageClassifier
@@ -35,92 +31,65 @@ log = logging.getLogger(__name__)
 SCHEDULER_META = ("interval", "monitor")
 
 
-def _checkpoint_ids(ckpt_path: str | None) -> dict[str, str]:
-    if ckpt_path is None:
-        return {}
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    state = ckpt.get("callbacks", {}).get(RunIds.KEY)
-    return dict(state.get("ids", {})) if isinstance(state, dict) else {}
-
-
-def run_name(cfg: DictConfig) -> str:
-    """A readable run name from the command-line overrides (W&B and logs)."""
-    try:
-        overrides = HydraConfig.get().job.override_dirname
-    except ValueError:
-        overrides = ""
-    return f"{cfg.name}:{overrides}" if overrides else str(cfg.name)
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[Logger]:
-    """Loggers from ``cfg.logger``; a W&B run keeps its id across resumes."""
-    loggers: list[Logger] = []
-    for key, lcfg in (cfg.logger or {}).items():
-        if lcfg is None or "_target_" not in lcfg:
-            continue
-        if "Wandb" in str(lcfg._target_):
-            id_file = run_dir / "wandb_run_id.txt"
-            run_id = lcfg.get("id") or ids.get("wandb")
-            if run_id is None and id_file.is_file() and cfg.ckpt_path is not None:
-                run_id = id_file.read_text().strip()
-            if run_id is None:
-                run_id = uuid.uuid4().hex[:12]
-            id_file.write_text(run_id + "\n")
-            ids["wandb"] = run_id
-            name = lcfg.get("name") or run_name(cfg)
-            loggers.append(instantiate(lcfg, id=run_id, name=name))
-        else:
-            loggers.append(instantiate(lcfg))
-        log.debug("logger %s: %s", key, type(loggers[-1]).__name__)
-    return loggers
-
-
 # ----------------------------------------------------------------------------------------- run
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """validate (build + probe) → data → fit/test → results.json. Returns the results.
+def _stored_results(run_dir: Path) -> dict[str, Any]:
+    """``results.json`` of a finished run (``val/acc1_best`` unknown without one)."""
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {"val/acc1_best": None}
 
-    Every start-up check runs before the run directory gets a file of ours.
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """validate (build everything, check, probe) → data → fit/test → results.json. Returns the
+    results.
+
+    Every start-up check runs before the run directory gets a file of ours; what validation
+    built (data splits, network, module, loggers, callbacks, Trainer) is what runs.
     """
     startup = validate(cfg)
-    datamodule, net, ckpt_path = startup.datamodule, startup.net, startup.ckpt_path
     run_dir = Path(cfg.paths.output_dir).resolve()
+    if startup.complete is not None:
+        log.info(
+            "ckpt_path=%s: run already complete (%s); nothing to do. Raise trainer.max_epochs "
+            "to train on.",
+            cfg.ckpt_path,
+            startup.complete,
+        )
+        return _stored_results(run_dir)
+    datamodule, net, ckpt_path = startup.datamodule, startup.net, startup.ckpt_path
+    trainer, model, loggers = startup.trainer, startup.module, startup.loggers
+    assert trainer is not None and model is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Run directory: %s", run_dir)
+    check_writable(run_dir, cfg)  # before anything is downloaded, written or trained
     if datamodule.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()
 
-    check_writable(run_dir, cfg)  # before anything is written or trained
     text, counts = describe_model(net, datamodule.dims)
     if ckpt_path is None or not (run_dir / "model.txt").is_file():  # a resume keeps it
         (run_dir / "model.txt").write_text(text)
     log.info(
         "Model: %s params, %.2f MFLOPs per sample", f"{counts['params']:,}", counts["flops"] / 1e6
     )
-    model = build_module(cfg, net, datamodule.num_classes)
     if cfg.init_from is not None:
         load_weights(model, str(cfg.init_from))
-
-    ids = _checkpoint_ids(ckpt_path)
-    loggers = build_loggers(cfg, run_dir, ids)
-    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg)
-    )
+    write_run_ids(run_dir, startup.ids)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
     hparams["run_dir"] = str(run_dir)
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
+    stop = next(cb for cb in trainer.callbacks if isinstance(cb, GracefulStop))
     start = time.perf_counter()
     try:
-        if not cfg.test_only:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        train_time = total_train_time(trainer, time.perf_counter() - start)
-        best = _best_checkpoint(trainer)
-        if cfg.test_only and ckpt_path is not None:
-            best = ckpt_path
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        with exit_on_sigterm(stop):
+            if not cfg.test_only:
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            train_time = total_train_time(trainer, time.perf_counter() - start)
+            best = _best_checkpoint(trainer)
+            if cfg.test_only and ckpt_path is not None:
+                best = ckpt_path
+            test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         results = _results(trainer, model, test, counts, train_time, best, run_dir)
         if trainer.is_global_zero:
             write_json(run_dir / "results.json", results)
