@@ -57,8 +57,9 @@ def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
 
 def _exit_now(reason: str) -> None:
     """Exit 143 without cleanup (called from a signal handler or the grace timer)."""
-    log.error("%s: exiting now with status %d; the last checkpoint stays valid", reason,
-              SIGTERM_EXIT)
+    log.error(
+        "%s: exiting now with status %d; the last checkpoint stays valid", reason, SIGTERM_EXIT
+    )
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
@@ -69,8 +70,9 @@ class GracefulStop(Callback):
     """SIGTERM → stop at the next batch boundary with a resumable checkpoint of that position.
 
     :meth:`install` sets the handler before ``fit`` (Lightning chains it to its own, which
-    stops the loops at batch boundaries). In the middle of a gradient-accumulation window the
-    position cannot be saved exactly, so the previous checkpoint is kept.
+    stops the loops at batch boundaries). In the middle of a gradient-accumulation window, and
+    at an epoch's last batch (before its validation and epoch-end hooks), the position cannot
+    be saved exactly, so the previous checkpoint is kept.
     """
 
     def __init__(self, grace_s: float = GRACE_S) -> None:
@@ -123,9 +125,16 @@ class GracefulStop(Callback):
             return
         self._boundary()
         loop = trainer.fit_loop.epoch_loop
+        if loop.batch_progress.current.processed >= trainer.num_training_batches:
+            log.warning(
+                "SIGTERM at an epoch's last batch, before its validation and epoch end: "
+                "keeping the previous checkpoint (the epoch is redone on resume)"
+            )
+            return
         if loop._should_accumulate():
-            log.warning("SIGTERM inside a gradient-accumulation window: keeping the previous "
-                        "checkpoint")
+            log.warning(
+                "SIGTERM inside a gradient-accumulation window: keeping the previous checkpoint"
+            )
             return
         path = _last_checkpoint(trainer)
         if path is None:

@@ -89,6 +89,14 @@ CASES: dict[str, tuple[list[str], str]] = {
     "shuffle_scale_without_pattern": (["layer.shuffle_scale=2"], "layer.shuffle_scale=2"),
     "num_samples_with_all": (["sampling.num_samples=16"], "sampling.num_samples=16"),
     # found by the fuzz test (tests/framework/test_fuzz_config.py)
+    "fuzz_devices_empty": (["trainer.devices=[]"], "trainer.devices=[]"),
+    "fuzz_max_time_number": (["trainer.max_time=0.5"], "trainer.max_time=0.5"),
+    "fuzz_ema_enabled_not_bool": (["ema.enabled=maybe"], "ema.enabled"),
+    "fuzz_ema_enabled_without_options": (["ema.enabled=true", "ema.decay=1.0"], "ema.decay=1.0"),
+    "fuzz_resize_below_patch": (
+        [*FAKE, "net=vit_tiny", "net.depth=1", "layer=attention", "dataset.resize=1"],
+        "dataset.resize=1",
+    ),
 }
 if not torch.cuda.is_available():
     CASES["gpu_without_gpu"] = (["trainer.accelerator=gpu"], "trainer.accelerator='gpu'")
