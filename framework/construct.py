@@ -103,25 +103,35 @@ def trainer_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-def _fails(options: dict[str, Any]) -> bool:
+def _failure(options: dict[str, Any], extra: dict[str, Any]) -> BaseException | None:
+    """The Trainer's refusal of ``options`` (``None`` when it accepts them)."""
     try:
         with _quiet():
-            pl.Trainer(**{**options, **_QUIET})
-    except TRAINER_ERRORS:
-        return True
-    return False
+            pl.Trainer(**{**options, **extra})
+    except TRAINER_ERRORS as err:
+        return err
+    return None
 
 
-def _culprits(options: dict[str, Any]) -> list[str]:
-    """The smallest set of keys (greedy) whose values alone make the Trainer refuse."""
-    if not _fails(options):
-        return []  # fails only with the loggers/callbacks/plugins: no trainer key to blame
+def _fails(options: dict[str, Any], extra: dict[str, Any]) -> bool:
+    return _failure(options, extra) is not None
+
+
+def _culprits(options: dict[str, Any], extra: dict[str, Any]) -> list[str]:
+    """The smallest set of ``trainer`` keys (greedy) whose values make the Trainer refuse:
+    first without loggers and callbacks, else with them (a key that conflicts with one)."""
+    context = _QUIET if _fails(options, _QUIET) else extra
     keep = dict(options)
     for key in list(options):
         trial = {k: v for k, v in keep.items() if k != key}
-        if _fails(trial):
+        if _fails(trial, context):
             keep = trial
-    return list(keep)
+    return list(keep) if len(keep) < len(options) or len(options) <= 1 else []
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def build_trainer(cfg: DictConfig, **extra: Any) -> pl.Trainer:
@@ -134,9 +144,14 @@ def build_trainer(cfg: DictConfig, **extra: Any) -> pl.Trainer:
     try:
         trainer = pl.Trainer(**{**options, **extra})
     except TRAINER_ERRORS as err:
-        keys = _culprits(options)
+        keys = _culprits(options, extra)
         named = ", ".join(f"trainer.{k}={_show(options[k])}" for k in keys) or "trainer"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # the culprits' own refusal (another bad key may have been the first to fail)
+        alone = None
+        if keys:
+            culprits = {k: options[k] for k in keys}
+            alone = _failure(culprits, _QUIET) or _failure(culprits, extra)
+        reason = _reason(alone or err)
         raise ConfigError(
             f"Invalid configuration: {named} — Lightning's Trainer refuses it: {reason} "
             "(see the trainer group in the README's config reference)."
