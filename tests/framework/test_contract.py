@@ -93,6 +93,10 @@ CASES: dict[str, tuple[list[str], str]] = {
     "fuzz_max_time_number": (["trainer.max_time=0.5"], "trainer.max_time=0.5"),
     "fuzz_ema_enabled_not_bool": (["ema.enabled=maybe"], "ema.enabled"),
     "fuzz_ema_enabled_without_options": (["ema.enabled=true", "ema.decay=1.0"], "ema.decay=1.0"),
+    "fuzz_checkpointing_off_with_checkpoints": (
+        ["trainer.enable_checkpointing=false"], "trainer.enable_checkpointing=False"
+    ),
+    "fuzz_channels_huge": ([*FAKE, "dataset.channels=99999999999999999999999"], "dataset.channels"),
     "fuzz_resize_below_patch": (
         [*FAKE, "net=vit_tiny", "net.depth=1", "layer=attention", "dataset.resize=1"],
         "dataset.resize=1",
