@@ -93,8 +93,11 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def check_numbers(cfg: DictConfig) -> None:
     """Every float is finite and every int fits in 64 bits (torch's and numpy's integers)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
+    raw = dict(_leaves(OmegaConf.to_container(cfg, resolve=False)))
     for key, value in _leaves(tree):
         base = key.split("[", 1)[0]
+        if isinstance(raw.get(key), str) and "${" in raw[key]:
+            continue  # an interpolation: checked (and named) where its value is set
         if isinstance(value, float) and not math.isfinite(value) and base not in MAY_BE_NON_FINITE:
             raise ConfigError(
                 f"Invalid configuration: {key}={value} — must be a finite number (NaN and "

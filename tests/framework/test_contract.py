@@ -97,6 +97,10 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["trainer.enable_checkpointing=false"], "trainer.enable_checkpointing=False"
     ),
     "fuzz_channels_huge": ([*FAKE, "dataset.channels=99999999999999999999999"], "dataset.channels"),
+    "fuzz_huge_epochs_named_at_source": (
+        ["scheduler=cosine", "trainer.max_epochs=99999999999999999999999"],
+        "trainer.max_epochs=99999999999999999999999",
+    ),
     "fuzz_resize_below_patch": (
         [*FAKE, "net=vit_tiny", "net.depth=1", "layer=attention", "dataset.resize=1"],
         "dataset.resize=1",
