@@ -23,7 +23,7 @@ from torch.utils.data._utils.worker import _generate_state
 from torchvision import transforms as T
 
 from datamodules.augment import BatchMixer, auto_augment_steps, random_erasing_steps
-from datamodules.errors import DataError
+from datamodules.errors import ConfigError, DataError
 
 __all__ = [
     "BaseDataModule",
@@ -31,6 +31,8 @@ __all__ = [
     "EpochSeededSampler",
     "EvalShardSampler",
     "GaussianNoise",
+    "ResumableLoader",
+    "SeededTransforms",
     "split_indices",
 ]
 
@@ -74,15 +76,23 @@ class EpochSeededSampler(RandomSampler):
         self.seed = int(seed)
         self.rank = int(rank)
         self.num_replicas = int(num_replicas)
+        self._resume: tuple[int, int] | None = None
         self.set_epoch(0)
 
     def _epoch_seed(self) -> int:
         return self.seed * 1_000_003 + self.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (Lightning calls this before every epoch)."""
+        """Select the permutation of ``epoch`` (Lightning calls this before every epoch); a
+        dataset with ``set_epoch`` (:class:`SeededTransforms`) follows."""
         self.epoch = int(epoch)
         self.generator.manual_seed(self._epoch_seed())
+        if hasattr(self.data_source, "set_epoch"):
+            self.data_source.set_epoch(self.epoch)
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        """The next iteration over ``epoch`` starts after its first ``samples`` indices."""
+        self._resume = (int(epoch), int(samples))
 
     def __len__(self) -> int:
         return -(-len(self.data_source) // self.num_replicas)
@@ -91,11 +101,14 @@ class EpochSeededSampler(RandomSampler):
         perm = torch.randperm(
             len(self.data_source), generator=torch.Generator().manual_seed(self._epoch_seed())
         ).tolist()
-        if self.num_replicas == 1:
-            return iter(perm)
-        total = len(self) * self.num_replicas
-        padded = (perm * (-(-total // max(len(perm), 1))))[:total]
-        return iter(padded[self.rank :: self.num_replicas])
+        if self.num_replicas > 1:
+            total = len(self) * self.num_replicas
+            padded = (perm * (-(-total // max(len(perm), 1))))[:total]
+            perm = padded[self.rank :: self.num_replicas]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            perm = perm[self._resume[1] :]
+        self._resume = None
+        return iter(perm)
 
     def worker_base_seed(self) -> int:
         """The base seed a fresh DataLoader iterator draws from :attr:`generator` this epoch
@@ -125,8 +138,9 @@ class EvalShardSampler(SequentialSampler):
 
 
 class _SeedTagged(torch.utils.data.Sampler):
-    """Yields ``(base_seed, index)``: the epoch's worker base seed travels with every index
-    (a training sampler's per-epoch seed; ``base_seed`` for evaluation)."""
+    """Yields ``(base_seed, epoch, index)``: the epoch's worker base seed and the epoch travel
+    with every index (a training sampler's per-epoch seed; ``base_seed`` and epoch 0 for
+    evaluation), so persistent workers' copies of the dataset follow the epoch."""
 
     def __init__(self, sampler: EpochSeededSampler | EvalShardSampler, base_seed: int) -> None:
         self.sampler, self.base_seed = sampler, base_seed
@@ -138,12 +152,12 @@ class _SeedTagged(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         if isinstance(self.sampler, EpochSeededSampler):
-            seed = self.sampler.worker_base_seed()
+            seed, epoch = self.sampler.worker_base_seed(), self.sampler.epoch
         else:
-            seed = self.base_seed
-        return ((seed, i) for i in self.sampler)
+            seed, epoch = self.base_seed, 0
+        return ((seed, epoch, i) for i in self.sampler)
 
 
 class _Reseeding(Dataset):
@@ -159,8 +173,10 @@ class _Reseeding(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        base_seed, index = key
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        base_seed, epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
         info = get_worker_info()
         if info is not None and base_seed != self._base_seed:
             self._base_seed = base_seed
@@ -169,6 +185,59 @@ class _Reseeding(Dataset):
             torch.manual_seed(seed)
             np.random.seed(_generate_state(base_seed, info.id))  # noqa: NPY002 (as PyTorch does)
         return self.dataset[index]
+
+
+class SeededTransforms(Subset):
+    """The training subset whose random transforms draw from a generator seeded by (seed,
+    epoch, index), not from the global one: an image's augmentation does not depend on which
+    batches came before it, on the number of workers or on a resume in the middle of an epoch."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], seed: int) -> None:
+        super().__init__(dataset, indices)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, idx: int) -> Any:  # type: ignore[override]
+        seed = (self.seed * 1_000_003 + self.epoch) * 2_654_435_761 + int(idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % 2**63)
+            return super().__getitem__(idx)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Each sample with its own seeded draw (the DataLoader's batched fetch)."""
+        return [self[i] for i in indices]
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its position in the epoch as state: Lightning stores the
+    ``state_dict`` of such loaders in checkpoints, so a run stopped in the middle of an epoch
+    resumes with the batches it had not trained on (``position``: batches trained so far)."""
+
+    position: Any = None
+
+    def _epoch_sampler(self) -> EpochSeededSampler | None:
+        sampler = self.sampler
+        if isinstance(sampler, _SeedTagged):
+            sampler = sampler.sampler
+        return sampler if isinstance(sampler, EpochSeededSampler) else None
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the batches of it already trained."""
+        sampler = self._epoch_sampler()
+        if sampler is None or self.position is None:
+            return {}
+        return {"epoch": sampler.epoch, "batches": int(self.position())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip the batches of ``state["epoch"]`` already trained (this process's shard)."""
+        sampler = self._epoch_sampler()
+        if state and sampler is not None:
+            batch = self.batch_size or 1
+            sampler.resume_at(state["epoch"], state["batches"] * batch)
 
 
 def split_indices(n: int, val_split: float) -> tuple[list[int], list[int]]:
@@ -207,6 +276,8 @@ class BaseDataModule(pl.LightningDataModule):
     std: tuple[float, ...] = (0.5,)
     native_dims: tuple[int, int, int] = (3, 32, 32)
     default_num_classes: int = 10
+    #: The config key that sets the training set's size, if one does (named in size errors).
+    size_key: str | None = None
 
     def __init__(
         self,
@@ -314,11 +385,29 @@ class BaseDataModule(pl.LightningDataModule):
             full_train = self.build_train(self.train_transform())
             full_eval = self.build_train(self.eval_transform())
             train_idx, val_idx = self.train_val_indices(full_train)
-            self.train_set = Subset(full_train, train_idx)
+            self._check_split(len(full_train), len(train_idx), len(val_idx))
+            self.train_set = SeededTransforms(full_train, train_idx, self.seed)
             self.train_eval_set = Subset(full_eval, train_idx)
             self.val_set = Subset(full_eval, val_idx)
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self.build_test(self.eval_transform())
+
+    def _check_split(self, total: int, n_train: int, n_val: int) -> None:
+        """Both parts of the train/validation split must hold at least one image."""
+        if n_train and n_val:
+            return
+        size = f" ({self.size_key}={total})" if self.size_key else ""
+        raise ConfigError(
+            f"Invalid configuration: dataset.val_split={self.val_split} splits the {total} "
+            f"training images of dataset={self.name}{size} into {n_train} for training and "
+            f"{n_val} for validation; each part needs at least one image. Use more images or "
+            "another dataset.val_split."
+        )
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split after :meth:`setup` (``train``, ``val``, ``test``)."""
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return {k: len(v) for k, v in sets.items() if v is not None}  # type: ignore[arg-type]
 
     # ------------------------------------------------------------- loaders
     @property
@@ -364,7 +453,7 @@ class BaseDataModule(pl.LightningDataModule):
             # eval passes: one fixed base seed (eval transforms draw nothing random today)
             sampler = _SeedTagged(sampler, self.seed)
             dataset = _Reseeding(dataset)
-        return DataLoader(
+        loader = (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.per_device_batch_size,
             sampler=sampler,
@@ -374,6 +463,10 @@ class BaseDataModule(pl.LightningDataModule):
             drop_last=False,
             **workers,
         )
+        trainer = self.trainer
+        if train and trainer is not None:
+            loader.position = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return loader
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """MixUp/CutMix training batches: ``(x, y)`` → ``(x_mixed, y, soft_targets)``."""

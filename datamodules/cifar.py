@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import urllib.error
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,13 +59,26 @@ class CIFAR10DataModule(BaseDataModule):
                 f"{self.root} (dataset.root) and set dataset.download=false."
             ) from None
 
+    def _read(self, train: bool, transform: Any) -> Dataset:
+        """torchvision's reader (with its integrity check); unreadable files → DataError."""
+        try:
+            return self.dataset_cls(self.root, train=train, download=False, transform=transform)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
+            base = Path(self.root) / self.folder
+            raise DataError(
+                f"dataset={self.name}: the files in {base} fail torchvision's integrity check or "
+                f"cannot be read ({type(err).__name__}: {err}); they may be truncated by an "
+                "interrupted download or copy. Replace the folder with a fresh copy of the "
+                "extracted archive (dataset.root), or set dataset.download=true to fetch it again."
+            ) from None
+
     def build_train(self, transform: Any) -> Dataset:
         """The official training batches."""
-        return self.dataset_cls(self.root, train=True, download=False, transform=transform)
+        return self._read(True, transform)
 
     def build_test(self, transform: Any) -> Dataset:
         """The official test batch."""
-        return self.dataset_cls(self.root, train=False, download=False, transform=transform)
+        return self._read(False, transform)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,24 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from datamodules.base import SPLIT_SEED, BaseDataModule
+from datamodules.errors import ConfigError
 
 __all__ = ["DigitsDataModule"]
+
+
+def check_stratified(n: int, fraction: float, classes: int, key: str) -> None:
+    """A stratified split of ``n`` samples needs every class on both sides: at least ``classes``
+    samples held out (scikit-learn takes ``ceil(fraction·n)``) and as many left."""
+    held = math.ceil(fraction * n)
+    if held >= classes and n - held >= classes:
+        return
+    low = math.ceil(classes / n * 1000) / 1000
+    high = math.floor((n - classes) / n * 1000) / 1000
+    raise ConfigError(
+        f"Invalid configuration: {key}={fraction} holds out {held} of {n} images and keeps "
+        f"{n - held}; the stratified split needs at least one image per class ({classes}) on "
+        f"each side. Use {key} in [{low}, {high}]."
+    )
 
 
 class TensorImages(Dataset):
@@ -53,6 +70,8 @@ class DigitsDataModule(BaseDataModule):
             data = load_digits()
             images = (data.images / 16.0).astype(np.float32)
             idx = np.arange(len(images))
+            classes = len(np.unique(data.target))
+            check_stratified(len(idx), self.test_split, classes, "dataset.test_split")
             tr, te = train_test_split(
                 idx, test_size=self.test_split, stratify=data.target, random_state=0
             )
@@ -67,6 +86,7 @@ class DigitsDataModule(BaseDataModule):
         idx = np.arange(len(labels))
         if self.val_split <= 0:
             return idx.tolist(), []
+        check_stratified(len(idx), self.val_split, len(np.unique(labels)), "dataset.val_split")
         tr, va = train_test_split(
             idx, test_size=self.val_split, stratify=labels, random_state=SPLIT_SEED
         )

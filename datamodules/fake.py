@@ -16,6 +16,8 @@ class FakeDataModule(BaseDataModule):
     """FakeData with CIFAR-10-like defaults (3×32×32, 10 classes); images are deterministic
     per index, train and test use disjoint offsets."""
 
+    size_key = "dataset.train_size"
+
     def __init__(
         self,
         channels: int = 3,

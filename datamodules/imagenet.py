@@ -8,10 +8,19 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from datamodules.base import BaseDataModule, DataError, GaussianNoise
 
 __all__ = ["ImageNetDataModule"]
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` (recursively) holds a file ImageFolder would load."""
+    return any(
+        p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS)
+        for p in folder.rglob("*")
+    )
 
 
 class ImageNetDataModule(BaseDataModule):
@@ -73,7 +82,17 @@ class ImageNetDataModule(BaseDataModule):
                 )
 
     def _folder(self, split: str, transform: Any) -> Dataset:
-        ds = datasets.ImageFolder(str(Path(self.root) / split), transform=transform)
+        path = Path(self.root) / split
+        try:
+            ds = datasets.ImageFolder(str(path), transform=transform)
+        except FileNotFoundError as err:  # a class folder without a single image
+            empty = sorted(p.name for p in path.iterdir() if p.is_dir() and not _has_image(p))
+            raise DataError(
+                f"dataset.root={self.root}: {len(empty)} class folder(s) under {path} hold no "
+                f"image ({', '.join(empty[:5]) or err}); every class needs at least one image "
+                f"with an extension of {', '.join(IMG_EXTENSIONS)}. Remove the empty folders or "
+                "fill them."
+            ) from None
         if len(ds.classes) != self.num_classes:
             raise DataError(
                 f"dataset.num_classes={self.num_classes} but {Path(self.root) / split} has "

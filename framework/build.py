@@ -77,10 +77,20 @@ def _from_convnn(err: BaseException) -> bool:
     return last is not None and last.startswith(_CONVNN_DIR)
 
 
+def _image_size_key(cfg: DictConfig) -> str:
+    """The key that sets the images' size: ``dataset.resize`` when set, else the dataset's."""
+    d = cfg.dataset
+    if d.get("resize") is not None or "image_size" not in d:
+        return "dataset.resize"
+    return "dataset.image_size"
+
+
 def user_error(cfg: DictConfig, err: ValueError, where: str = "") -> ConfigError:
     """A constructor's ``ValueError`` as a one-paragraph message naming the config keys."""
     groups = ("layer", "sampling", "net") if _from_convnn(err) else ("net", "layer", "sampling")
-    text = qualify(str(err), config_keys(cfg, groups))
+    keys = config_keys(cfg, groups)
+    keys.setdefault("image_size", _image_size_key(cfg))  # the backbones' input size: from data
+    text = qualify(str(err), keys)
     setting = f"net={net_name(cfg)} layer={cfg.layer.name}"
     return ConfigError(f"Invalid configuration ({setting}{where}): {text}.")
 

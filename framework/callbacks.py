@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar, RichProgressBar
@@ -26,6 +27,8 @@ from omegaconf import DictConfig
 from framework.console import running_metrics
 from framework.curves import TrainingCurves
 from framework.ema import EMA
+from framework.errors import refused_options
+from framework.lifecycle import GracefulStop
 from framework.loggers import KeepLoggedSteps
 from framework.resume import RunConfig, TrainClock, run_config
 
@@ -136,6 +139,14 @@ class RNGStateCallback(Callback):
         if self._pending is not None:
             _set_rng_states(self._pending)
             self._pending = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
+        """A resume in the middle of an epoch (after a SIGTERM) starts no epoch: restore the
+        states before its first batch instead (data transforms draw from their own generator,
+        so nothing was drawn since the checkpoint)."""
+        self.on_train_epoch_start(trainer, pl_module)
 
 
 class RunIds(Callback):
@@ -274,14 +285,17 @@ def build_callbacks(
 ) -> list[pl.Callback]:
     """All callbacks of a run, in hook order: the configured ones, then metrics.csv and its
     picture (``title`` names the run there), step times, RNG, run ids, train clock, run config,
-    CSV-log trimming, and last the EMA.
+    CSV-log trimming, the EMA, and last the SIGTERM stop.
 
     Without a logger the lr monitor is dropped (metrics.csv still records the lr)."""
     callbacks: list[pl.Callback] = []
-    for c in (cfg.callbacks or {}).values():
+    for name, c in (cfg.callbacks or {}).items():
         if not c or "_target_" not in c:
             continue
-        callback = instantiate(c)
+        try:
+            callback = instantiate(c)
+        except InstantiationException as err:
+            raise refused_options(f"callbacks.{name}", c, err) from None
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
         callbacks.append(callback)
@@ -293,4 +307,5 @@ def build_callbacks(
         RunIds(ids),
     ]
     callbacks += [TrainClock(), RunConfig(run_config(cfg)), KeepLoggedSteps()]
-    return callbacks + _ema_callbacks(cfg)
+    # last: a SIGTERM checkpoint holds the batch's EMA update
+    return callbacks + _ema_callbacks(cfg) + [GracefulStop()]

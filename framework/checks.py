@@ -14,28 +14,43 @@ import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from convnn import ConvNNBase
 from datamodules.base import BaseDataModule
-from framework.build import build_datamodule, build_layer, build_net, net_name, user_error
+from framework.build import (
+    build_datamodule,
+    build_layer,
+    build_module,
+    build_net,
+    net_name,
+    user_error,
+)
+from framework.callbacks import RunIds, build_callbacks
 from framework.checkpoints import (
     LoadedCheckpoint,
     read_checkpoint,
     read_weights_source,
     unreadable,
 )
+from framework.construct import Batches, build_trainer, check_data, check_optimization, in_multirun
 from framework.errors import ConfigError
+from framework.faults import trainer_kwargs
+from framework.lifecycle import completed
+from framework.loggers import build_loggers, run_name
 from framework.resume import check_resume
+from framework.rules import check_effect, check_network_effect, check_numbers, check_ranges
+from framework.sizing import SizeEstimate, activation_bytes, check_size, meta_count
 from models.layer_factory import LayerFactory
-from models.module import COMPILE_MODES, CRITERIA, LOGGED_METRICS
+from models.module import COMPILE_MODES, CRITERIA, LOGGED_METRICS, ImageClassifier
 
 __all__ = [
     "ConfigError",
@@ -73,8 +88,10 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-        isinstance(value, float) and math.isnan(value)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not (isinstance(value, float) and math.isnan(value))
     )
 
 
@@ -181,8 +198,6 @@ def _check_optimizer(o: Any) -> None:
     if "eps" in o:
         _number(o, "eps", p, 0.0, math.inf, low_open=True)
     if "momentum" in o:
-        _number(o, "momentum", p, 0.0, math.inf)
-        _number(o, "dampening", p, 0.0, 1.0)
         if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
             raise ConfigError(
                 f"Invalid configuration: optimizer.nesterov=true needs optimizer.momentum > 0 "
@@ -225,9 +240,7 @@ def _check_scheduler(s: Any) -> None:
                 f"{monitor!r} would reduce the lr while the metric improves; use mode={wanted}."
             )
     elif s.get("monitor") is not None and s.monitor not in LOGGED_METRICS:
-        raise _fail(
-            "scheduler.monitor", s.monitor, f"must be one of {', '.join(LOGGED_METRICS)}"
-        )
+        raise _fail("scheduler.monitor", s.monitor, f"must be one of {', '.join(LOGGED_METRICS)}")
 
 
 def _check_trainer(t: Any, batch: int) -> None:
@@ -255,6 +268,8 @@ def _check_trainer(t: Any, batch: int) -> None:
                 f"trainer.{key}", value, "must be a batch count ≥ 0 or a fraction in [0.0, 1.0]"
             )
     devices = t.devices
+    if (isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices)) and not len(devices):
+        raise _fail("trainer.devices", [], "must list at least one device (or be ≥ 1 or 'auto')")
     if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
         raise _fail("trainer.devices", devices, "must be ≥ 1, -1 (all), 'auto' or a list")
     world = world_size(t)
@@ -310,6 +325,7 @@ def _check_unknown_keys(node: Any, prefix: str = "") -> None:
 def check_config(cfg: DictConfig) -> None:
     """Value checks on the composed config that need no model (ranges, choices, files)."""
     _check_unknown_keys(cfg)
+    check_numbers(cfg)  # every float finite, every int within 64 bits
     _int(cfg, "seed", "", 0, SEED_MAX)
     _choice(cfg, "criterion", "", CRITERIA)
     _choice(cfg, "compile_mode", "", COMPILE_MODES)
@@ -331,6 +347,8 @@ def check_config(cfg: DictConfig) -> None:
             "a run (weights, optimizer, epoch), init_from only loads weights; choose one."
         )
     _check_recipes(cfg)
+    check_ranges(cfg)  # rates and bounds declared in framework.rules.RANGES
+    check_effect(cfg, in_multirun())  # options the composed config would ignore
 
 
 # ------------------------------------------------------------------------ recipe checks
@@ -352,7 +370,6 @@ def _check_recipes(cfg: DictConfig) -> None:
 
     e = cfg.get("ema")
     if e and e.get("enabled", False):
-        _number(e, "decay", "ema.", 0.0, 1.0)
         _int(e, "update_every_n_steps", "ema.", 1)
         if e.get("update_starting_at_step") is not None:
             _int(e, "update_starting_at_step", "ema.", 0)
@@ -505,33 +522,101 @@ class Startup:
     ckpt_path: str | None
     checkpoint: LoadedCheckpoint | None = None  # ckpt_path, read once
     init: LoadedCheckpoint | None = None  # init_from, read once
+    trainer: pl.Trainer | None = None
+    module: ImageClassifier | None = None
+    batches: Batches | None = None
+    size: SizeEstimate | None = None
+    loggers: list[Logger] = field(default_factory=list)
+    ids: dict[str, str] = field(default_factory=dict)
+    #: Why a resumed run is already complete (``None``: it trains).
+    complete: str | None = None
+
+
+CONTINUOUS_LAYERS = ("ckconv", "flexconv")
+
+
+def _check_kernel(cfg: DictConfig, dims: tuple[int, int, int]) -> None:
+    """A kernel wider than ``2·max(H, W) − 1`` has weights that only ever see zero padding,
+    on every map of the network (no map is larger than the input). Continuous kernels
+    (ckconv, flexconv) are exempt: their size costs no parameters, and CCNN's 33 is their
+    default on every dataset."""
+    if cfg.layer.get("name") in CONTINUOUS_LAYERS:
+        return
+    k = cfg.layer.get("kernel_size")
+    largest = max(dims[1:])
+    if isinstance(k, int) and k > 2 * largest - 1:
+        raise ConfigError(
+            f"Invalid configuration: layer.kernel_size={k} is larger than any map it convolves "
+            f"(the input is {dims[1]}×{dims[2]}): weights beyond {2 * largest - 1}×"
+            f"{2 * largest - 1} only ever multiply zero padding. Use layer.kernel_size ≤ "
+            f"{2 * largest - 1}."
+        )
+
+
+def _run_ids(checkpoint: LoadedCheckpoint | None) -> dict[str, str]:
+    """Logger run ids stored in the checkpoint being resumed (the W&B run it continues)."""
+    if checkpoint is None:
+        return {}
+    state = checkpoint.data.get("callbacks", {}).get(RunIds.KEY)
+    return dict(state.get("ids", {})) if isinstance(state, dict) else {}
 
 
 def validate(cfg: DictConfig) -> Startup:
-    """All start-up checks, in order of cost: values, then the network and its shape probe.
+    """All start-up checks, in order of cost: values; the checkpoint to resume; the Trainer with
+    its loggers and callbacks (constructed, nothing written); the data splits; the network
+    (counted on the meta device, then built and probed); the optimizer and scheduler; the
+    weights to load. What is built here is what the run uses.
 
     Seeds before the network is built, so its initial weights are the seed's.
     """
     check_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))
-    datamodule = build_datamodule(cfg)
-    layer = build_layer(cfg)
-    datamodule.check_available()
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = build_net(cfg, layer, datamodule.dims, datamodule.num_classes)
-    seen = probe(net, datamodule.dims, cfg)
-    _warn_sampling_fallback(net, seen, cfg)
-    name = net_name(cfg)
     trust = bool(cfg.trust_checkpoint)
     checkpoint = init = None
+    complete = None
     if ckpt_path is not None:
         checkpoint = read_checkpoint(ckpt_path, "ckpt_path", trust=trust)
         check_resume(cfg, checkpoint)  # the same run's config
+        if not cfg.test_only:
+            complete = completed(checkpoint.data, cfg)
+    datamodule = build_datamodule(cfg)
+    layer = build_layer(cfg)
+    datamodule.check_available()
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    ids = _run_ids(checkpoint)
+    loggers = build_loggers(cfg, run_dir, ids)
+    callbacks = build_callbacks(
+        cfg, run_dir, ids, has_logger=bool(loggers), title=run_name(cfg)
+    )
+    # Lightning gets the start-up checkpoint from the checkpoint IO, not by reading it again
+    trainer = build_trainer(
+        cfg, logger=loggers or False, callbacks=callbacks, **trainer_kwargs(cfg, checkpoint)
+    )
+    batches = check_data(cfg, datamodule, trainer, train=complete is None and not cfg.test_only)
+    dims, classes = datamodule.dims, datamodule.num_classes
+    _check_kernel(cfg, dims)
+    device = trainer.strategy.root_device
+    params = meta_count(lambda: build_net(cfg, layer, dims, classes))
+    if params is not None:
+        check_size(cfg, params, device)  # before the weights take any memory
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    net = build_net(cfg, layer, dims, classes)
+    seen = probe(net, dims, cfg)
+    _warn_sampling_fallback(net, seen, cfg)
+    check_network_effect(cfg, net, in_multirun())
+    per_device = max(1, datamodule.batch_size // max(1, trainer.world_size))
+    params = sum(p.numel() for p in net.parameters())
+    size = check_size(cfg, params, device, activation_bytes(net, dims), per_device)
+    log.info("Size: %s", size.describe())
+    module = build_module(cfg, net, classes)
+    check_optimization(module, cfg, None if cfg.test_only else batches)
+    name = net_name(cfg)
+    if checkpoint is not None:
         check_checkpoint(checkpoint, net, name, strict=True)
     if cfg.init_from is not None:
         init = read_weights_source(str(cfg.init_from), "init_from", trust=trust)
         check_checkpoint(init, net, name, strict=bool(cfg.test_only))
-    log.info("Config checked: %s built and probed on a %s input", net_name(cfg), datamodule.dims)
+    log.info("Config checked: %s built and probed on a %s input", net_name(cfg), dims)
     return Startup(
         datamodule=datamodule,
         layer=layer,
@@ -539,4 +624,11 @@ def validate(cfg: DictConfig) -> Startup:
         ckpt_path=ckpt_path,
         checkpoint=checkpoint,
         init=init,
+        trainer=trainer,
+        module=module,
+        batches=batches,
+        size=size,
+        loggers=loggers,
+        ids=ids,
+        complete=complete,
     )

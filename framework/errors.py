@@ -7,12 +7,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from hydra.errors import CompactHydraException
+from omegaconf import DictConfig
 
 from datamodules.errors import ConfigError, DataError, UserError
 
-__all__ = ["ConfigError", "DataError", "UserError", "reported", "user_errors"]
+__all__ = ["ConfigError", "DataError", "UserError", "refused_options", "reported", "user_errors"]
 
 
 @functools.cache
@@ -38,3 +40,23 @@ def user_errors() -> Iterator[None]:
         yield
     except UserError as err:
         raise reported(err) from None
+
+
+def refused_options(path: str, node: DictConfig, err: BaseException) -> ConfigError:
+    """A constructor's refusal of the options of config node ``path`` (a callback, a logger),
+    naming the options its reason mentions (``callbacks.lr_monitor.logging_interval=''``), or
+    the node when it mentions none."""
+    reason = str(err.__cause__ or err).strip().splitlines()[0]
+    named = [
+        f"{path}.{key}={_shown(node.get(key))}"
+        for key in node
+        if not str(key).startswith("_") and str(key) in reason
+    ]
+    where = ", ".join(named) or path
+    return ConfigError(
+        f"Invalid configuration: {where} — {node.get('_target_')} refuses it: {reason}."
+    )
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)

@@ -134,8 +134,9 @@ class RunDirLock:
 
     def acquire(self) -> bool:
         """Take the lock (True), or find it already ours (False); a stale lock is taken over,
-        a live owner's raises :class:`RunDirLockedError`."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        a live owner's raises :class:`RunDirLockedError`; a path that cannot be a folder (a
+        file, or under one) raises :class:`ConfigError`."""
+        self._make_dir()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -157,6 +158,20 @@ class RunDirLock:
                 f.write("\n")
             return True
         raise self._refusal(self.owner() or {})
+
+    def _make_dir(self) -> None:
+        blocker = next((p for p in (self.run_dir, *self.run_dir.parents) if p.is_file()), None)
+        try:
+            if blocker is not None:
+                raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            where = f"{blocker} is a file" if blocker is not None else (err.strerror or str(err))
+            raise ConfigError(
+                f"Invalid configuration: hydra.run.dir={self.run_dir} cannot be a run directory "
+                f"({where}). Choose another directory with hydra.run.dir=..., or move the file "
+                "out of the way."
+            ) from None
 
     def _mtime(self) -> float:
         try:
@@ -288,7 +303,7 @@ class RunDirGuard(HydraCallback):
         lock = RunDirLock(run_dir)
         try:
             lock.acquire()
-        except RunDirLockedError as err:
+        except ConfigError as err:  # taken by a live job, or not a folder
             sys.stderr.write(f"{err}\n")
             raise SystemExit(1) from None
         self._lock = lock

@@ -337,3 +337,6 @@ def register_configs() -> None:
     for name, backbone in BACKBONES.items():
         cs.store(group="schema/net", name=name, node=net_schema(backbone.cls))
     cs.store(group="schema/sampling", name="sampling", node=SamplingConf)
+    from framework.group_schemas import register_group_schemas
+
+    register_group_schemas()  # ema, analysis, logger, callbacks

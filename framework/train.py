@@ -3,28 +3,26 @@ and summarise multirun sweeps."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from framework.analysis import maybe_analyse
-from framework.build import build_module
-from framework.callbacks import RunIds, build_callbacks, step_time
-from framework.checkpoints import LoadedCheckpoint, size_line
+from framework.callbacks import step_time
+from framework.checkpoints import size_line
 from framework.checks import validate
-from framework.faults import trainer_kwargs
 from framework.inspect import describe_model, load_weights
 from framework.jsonio import write_json
+from framework.lifecycle import GracefulStop, exit_on_sigterm
+from framework.loggers import write_run_ids
 from framework.resume import total_train_time
 from framework.rundir import check_writable
 from models.module import ImageClassifier
@@ -35,81 +33,51 @@ log = logging.getLogger(__name__)
 SCHEDULER_META = ("interval", "monitor")
 
 
-def _checkpoint_ids(checkpoint: LoadedCheckpoint | None) -> dict[str, str]:
-    """The logger run ids recorded in the checkpoint being resumed (read once at start-up)."""
-    if checkpoint is None:
-        return {}
-    state = checkpoint.data.get("callbacks", {}).get(RunIds.KEY)
-    return dict(state.get("ids", {})) if isinstance(state, dict) else {}
-
-
-def run_name(cfg: DictConfig) -> str:
-    """A readable run name from the command-line overrides (W&B and logs)."""
-    try:
-        overrides = HydraConfig.get().job.override_dirname
-    except ValueError:
-        overrides = ""
-    return f"{cfg.name}:{overrides}" if overrides else str(cfg.name)
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> list[Logger]:
-    """Loggers from ``cfg.logger``; a W&B run keeps its id across resumes."""
-    loggers: list[Logger] = []
-    for key, lcfg in (cfg.logger or {}).items():
-        if lcfg is None or "_target_" not in lcfg:
-            continue
-        if "Wandb" in str(lcfg._target_):
-            id_file = run_dir / "wandb_run_id.txt"
-            run_id = lcfg.get("id") or ids.get("wandb")
-            if run_id is None and id_file.is_file() and cfg.ckpt_path is not None:
-                run_id = id_file.read_text().strip()
-            if run_id is None:
-                run_id = uuid.uuid4().hex[:12]
-            id_file.write_text(run_id + "\n")
-            ids["wandb"] = run_id
-            name = lcfg.get("name") or run_name(cfg)
-            loggers.append(instantiate(lcfg, id=run_id, name=name))
-        else:
-            loggers.append(instantiate(lcfg))
-        log.debug("logger %s: %s", key, type(loggers[-1]).__name__)
-    return loggers
-
-
 # ----------------------------------------------------------------------------------------- run
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """validate (build + probe) → data → fit/test → results.json. Returns the results.
+def _stored_results(run_dir: Path) -> dict[str, Any]:
+    """``results.json`` of a finished run (``val/acc1_best`` unknown without one)."""
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {"val/acc1_best": None}
 
-    Every start-up check runs before the run directory gets a file of ours.
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """validate (build everything, check, probe) → data → fit/test → results.json. Returns the
+    results.
+
+    Every start-up check runs before the run directory gets a file of ours; what validation
+    built (data splits, network, module, loggers, callbacks, Trainer) is what runs.
     """
     startup = validate(cfg)
-    datamodule, net, ckpt_path = startup.datamodule, startup.net, startup.ckpt_path
     run_dir = Path(cfg.paths.output_dir).resolve()
+    if startup.complete is not None:
+        log.info(
+            "ckpt_path=%s: run already complete (%s); nothing to do. Raise trainer.max_epochs "
+            "to train on.",
+            cfg.ckpt_path,
+            startup.complete,
+        )
+        return _stored_results(run_dir)
+    datamodule, net, ckpt_path = startup.datamodule, startup.net, startup.ckpt_path
+    trainer, model, loggers = startup.trainer, startup.module, startup.loggers
+    assert trainer is not None and model is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Run directory: %s", run_dir)
+    check_writable(run_dir, cfg)  # before anything is downloaded, written or trained
     if datamodule.download and rank_zero_only.rank == 0:
         datamodule.prepare_data()
 
-    check_writable(run_dir, cfg)  # before anything is written or trained
     text, counts = describe_model(net, datamodule.dims)
     if ckpt_path is None or not (run_dir / "model.txt").is_file():  # a resume keeps it
         (run_dir / "model.txt").write_text(text)
     log.info(
         "Model: %s params, %.2f MFLOPs per sample", f"{counts['params']:,}", counts["flops"] / 1e6
     )
-    model = build_module(cfg, net, datamodule.num_classes)
     if startup.init is not None:
         load_weights(model, startup.init)
-
-    ids = _checkpoint_ids(startup.checkpoint)
-    loggers = build_loggers(cfg, run_dir, ids)
-    callbacks = build_callbacks(cfg, run_dir, ids, has_logger=bool(loggers), title=run_name(cfg))
+    write_run_ids(run_dir, startup.ids)
     if not cfg.test_only:
-        log.info(size_line(net, cfg, callbacks))
-    kwargs = trainer_kwargs(cfg, preloaded=startup.checkpoint)  # Lightning gets it, not a reread
-    startup.checkpoint = startup.init = None
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, **kwargs
-    )
+        log.info(size_line(net, cfg, trainer.callbacks))
+    startup.checkpoint = startup.init = None  # the checkpoint IO holds what Lightning needs
     weights_only = not cfg.trust_checkpoint
     hparams = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(hparams, dict)
@@ -117,20 +85,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
+    stop = next(cb for cb in trainer.callbacks if isinstance(cb, GracefulStop))
     start = time.perf_counter()
     try:
-        if not cfg.test_only:
-            trainer.fit(
-                model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
+        with exit_on_sigterm(stop):
+            if not cfg.test_only:
+                trainer.fit(
+                    model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
+                )
+            train_time = total_train_time(trainer, time.perf_counter() - start)
+            best_cb = _best_checkpoint(trainer)
+            best = best_cb.best_model_path if best_cb is not None else None
+            if cfg.test_only and ckpt_path is not None:
+                best_cb, best = None, ckpt_path
+            test = trainer.test(
+                model,
+                datamodule=datamodule,
+                ckpt_path=best,
+                verbose=False,
+                weights_only=weights_only,
             )
-        train_time = total_train_time(trainer, time.perf_counter() - start)
-        best_cb = _best_checkpoint(trainer)
-        best = best_cb.best_model_path if best_cb is not None else None
-        if cfg.test_only and ckpt_path is not None:
-            best_cb, best = None, ckpt_path
-        test = trainer.test(
-            model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=weights_only
-        )
         results = _results(trainer, model, test, counts, train_time, best, run_dir)
         if best_cb is not None and best_cb.best_model_score is not None:
             # the tested checkpoint's own score: one lineage, also across run directories

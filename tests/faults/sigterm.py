@@ -1,0 +1,33 @@
+"""A test callback that sends this process SIGTERM at a fixed optimizer step: a real signal at
+a reproducible point (``+callbacks.sigterm._target_=tests.faults.sigterm.SigtermAt``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["SigtermAt"]
+
+
+class SigtermAt(Callback):
+    """After optimizer step ``step``: send SIGTERM ``times`` times, then block ``hang_s``
+    seconds inside the batch (a step that never reaches the next batch boundary)."""
+
+    def __init__(self, step: int, times: int = 1, hang_s: float = 0.0) -> None:
+        self.step, self.times, self.hang_s = int(step), int(times), float(hang_s)
+        self.sent = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Signal once, at the chosen step."""
+        if self.sent or trainer.global_step != self.step:
+            return
+        self.sent = True
+        for _ in range(self.times):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.hang_s:
+            time.sleep(self.hang_s)
