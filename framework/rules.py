@@ -36,6 +36,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INT64_MAX = 2**63 - 1
+#: Floats become float32 tensors (weights, learning rates, masks): larger ones overflow to inf.
+FLOAT32_MAX = 3.4028234663852886e38
 #: Float keys that may be non-finite (none today: a schema that wants ``inf`` says so here).
 MAY_BE_NON_FINITE: tuple[str, ...] = ()
 
@@ -91,7 +93,8 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def check_numbers(cfg: DictConfig) -> None:
-    """Every float is finite and every int fits in 64 bits (torch's and numpy's integers)."""
+    """Every float is finite and fits in float32, every int fits in 64 bits (torch's and numpy's
+    integers)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     raw = dict(_leaves(OmegaConf.to_container(cfg, resolve=False)))
     for key, value in _leaves(tree):
@@ -102,6 +105,11 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"Invalid configuration: {key}={value} — must be a finite number (NaN and "
                 "infinities are refused for every key)."
+            )
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise ConfigError(
+                f"Invalid configuration: {key}={value} — too large: floats must fit in float32 "
+                f"(|value| ≤ {FLOAT32_MAX:.4g}), the precision the network computes in."
             )
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
             raise ConfigError(
@@ -189,8 +197,8 @@ def check_effect(cfg: DictConfig, multirun: bool) -> None:
         if unused:
             shown = ", ".join(f"sampling.{k}={v!r}" for k, v in unused.items())
             _no_effect(
-                f"{shown} has no effect with sampling=all (every token is a candidate); use "
-                "sampling=random or sampling=spatial",
+                f"{shown} has no effect with sampling.sampling_type='all' (every token is a "
+                "candidate); use sampling=random or sampling=spatial",
                 multirun,
             )
     options = layer_options(layer) if layer in LAYERS else {}

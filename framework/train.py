@@ -114,6 +114,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for lg in loggers:
                 lg.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))})
         maybe_analyse(cfg, trainer, model, datamodule, loggers, run_dir)
+        for lg in loggers:  # flushed and closed now, not by a writer thread after run() returns
+            lg.finalize("success")
         log.info(
             "test/acc1=%.4f test/acc5=%.4f (%s)",
             results["test/acc1"],

@@ -51,13 +51,13 @@ def test_sigterm_at_fixed_points_then_resume_is_bitwise_exact(tmp_path: Path) ->
     # the last validation: the first epoch's checkpoint stays, the epoch is redone)
     for step, saved_at in ((4, 4), (9, 9), (12, 6)):
         run_dir = tmp_path / f"term{step}"
-        proc = run_main([*ARGS, f"hydra.run.dir={run_dir}", SIGTERM,
-                         f"+callbacks.sigterm.step={step}"])
+        proc = run_main([*ARGS, f"hydra.run.dir={run_dir}", SIGTERM],
+                        env={"SIGTERM_AT": str(step)})
         assert proc.returncode == 143, proc.stderr[-3000:]
         assert not (run_dir / "results.json").exists()
         saved = _state(run_dir)
         assert saved["global_step"] == saved_at
-        proc = run_main([*ARGS, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+        proc = run_main([*ARGS, f"hydra.run.dir={run_dir}", SIGTERM, "ckpt_path=last"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         resumed = _state(run_dir)
         for key in ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "epoch"):
@@ -66,8 +66,7 @@ def test_sigterm_at_fixed_points_then_resume_is_bitwise_exact(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_second_sigterm_exits_at_once_without_saving(tmp_path: Path) -> None:
-    proc = run_main([*ARGS, f"hydra.run.dir={tmp_path}", SIGTERM, "+callbacks.sigterm.step=2",
-                     "+callbacks.sigterm.times=2"])
+    proc = run_main([*ARGS, f"hydra.run.dir={tmp_path}", SIGTERM], env={"SIGTERM_AT": "2,2"})
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "second SIGTERM" in proc.stderr + proc.stdout
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # nothing new was saved
@@ -77,8 +76,8 @@ def test_second_sigterm_exits_at_once_without_saving(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_no_batch_boundary_within_the_grace_period_exits_143(tmp_path: Path) -> None:
     start = time.monotonic()
-    proc = run_main([*ARGS, f"hydra.run.dir={tmp_path}", SIGTERM, "+callbacks.sigterm.step=7",
-                     "+callbacks.sigterm.hang_s=300"], timeout=200)
+    proc = run_main([*ARGS, f"hydra.run.dir={tmp_path}", SIGTERM],
+                    env={"SIGTERM_AT": "7,1,300"}, timeout=200)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert time.monotonic() - start < 150  # the 300 s step did not finish
     assert "no batch boundary within 30 s" in proc.stderr + proc.stdout

@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, write_tiny_cifar, write_tiny_imagefolder
+from framework.checks import validate
+from framework.errors import ConfigError
+
+from .helpers import ROOT, compose_cfg, write_tiny_cifar, write_tiny_imagefolder
 
 BASE = ["dataset=digits", "trainer=cpu", "logger=none", "trainer.max_epochs=1"]
 FAKE = ["dataset=fake", "dataset.batch_size=4", "dataset.train_size=16", "dataset.test_size=8"]
@@ -104,6 +107,15 @@ CASES: dict[str, tuple[list[str], str]] = {
     "fuzz_resize_below_patch": (
         [*FAKE, "net=vit_tiny", "net.depth=1", "layer=attention", "dataset.resize=1"],
         "dataset.resize=1",
+    ),
+    "fuzz_float32_overflow": (
+        ["net.num_layers=2", "net.channels=[8,16]", "layer=flexconv",
+         "layer.mask_init_value=1e308"],
+        "layer.mask_init_value=1e+308",
+    ),
+    "fuzz_all_with_spatial_count": (
+        ["sampling=spatial", "sampling.num_samples=4", "sampling.sampling_type=all"],
+        "sampling.sampling_type='all'",
     ),
 }
 if not torch.cuda.is_available():
@@ -228,3 +240,12 @@ def test_size_estimate_is_logged_and_refusal_names_the_keys(
     monkeypatch.setattr(sizing, "device_memory", lambda device: (room, "RAM"))
     with pytest.raises(ConfigError, match=r"^Invalid configuration: dataset.batch_size=1024 — "):
         validate(big)
+
+
+def test_continuous_kernels_keep_their_default_size_on_small_maps(tmp_path: Path) -> None:
+    """CCNN's 33-wide continuous kernel on 8×8 digits costs no parameters: not refused, while
+    the same width of a discrete kernel is (the fuzz found the default refused)."""
+    small = [*BASE, "net.num_layers=2", "net.channels=[8,16]"]
+    validate(compose_cfg([*small, "layer=ckconv"], out=tmp_path / "ck"))
+    with pytest.raises(ConfigError, match=r"layer.kernel_size=33 is larger than any map"):
+        validate(compose_cfg([*small, "layer=conv", "layer.kernel_size=33"], out=tmp_path / "c"))
