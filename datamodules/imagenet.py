@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
+from datamodules.augment import auto_augment_steps, random_erasing_steps
 from datamodules.base import BaseDataModule, DataError, GaussianNoise
 
-__all__ = ["ImageNetDataModule"]
+__all__ = ["ImageNetDataModule", "read_rgb"]
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """The image at ``path`` as a uint8 RGB (3, H, W) tensor (torchvision.io; PIL if it fails)."""
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (TorchCodec)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:  # a format or JPEG flavour torchvision cannot decode (BMP, TIFF, …)
+        with open(path, "rb") as f:
+            return F.pil_to_tensor(Image.open(f).convert("RGB"))
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = F.to_dtype(img, torch.uint8, scale=True)
+    return img
 
 
 def _has_image(folder: Path) -> bool:
@@ -27,8 +47,9 @@ class ImageNetDataModule(BaseDataModule):
     """ImageFolder data: ``root/train/<class>/*`` for training (and the validation hold-out),
     ``root/val/<class>/*`` as the test set.
 
-    ``resize`` is the crop size (default 224). Train: RandomResizedCrop + flip when ``augment``;
-    eval: resize to 256/224 of the crop, centre crop.
+    ``resize`` is the crop size (default 224). Files are decoded by torchvision.io into uint8
+    tensors (:func:`read_rgb`) and transformed as such by ``transforms.v2``. Train:
+    RandomResizedCrop + flip when ``augment``; eval: resize to 256/224 of the crop, centre crop.
     """
 
     mean = (0.485, 0.456, 0.406)
@@ -44,30 +65,34 @@ class ImageNetDataModule(BaseDataModule):
         """Number of classes, from the config (checked against the folders at setup)."""
         return self._num_classes
 
-    def train_transform(self) -> T.Compose:
-        """RandomResizedCrop + flip (if ``augment``) → tensor → normalise → [noise]."""
-        if not self.augment:
-            steps: list[Any] = [*self.eval_transform().transforms]
-        else:
-            steps = [
-                T.RandomResizedCrop(self.dims[1], antialias=True),
-                T.RandomHorizontalFlip(),
-                *self._to_tensor_steps(),
+    def train_transform(self) -> v2.Compose:
+        """RandomResizedCrop + flip (if ``augment``; else the eval geometry) → [auto-augment] on
+        uint8 → float → normalise → [erasing] → [noise]."""
+        if self.augment:
+            size = self.dims[1]
+            steps: list[Any] = [
+                v2.RandomResizedCrop(size, antialias=True),
+                v2.RandomHorizontalFlip(),
             ]
+        else:
+            steps = self._eval_geometry()
+        steps += auto_augment_steps(self.auto_augment)
+        steps += self._to_tensor_steps()
+        steps += random_erasing_steps(self.random_erasing)
         if self.noise > 0:
             steps.append(GaussianNoise(self.noise))
-        return T.Compose(steps)
+        return v2.Compose(steps)
 
-    def eval_transform(self) -> T.Compose:
-        """Resize the short side to 256/224 of the crop, centre crop."""
+    def eval_transform(self) -> v2.Compose:
+        """Resize the short side to 256/224 of the crop, centre crop, float, normalise."""
+        return v2.Compose(self._eval_geometry() + self._to_tensor_steps())
+
+    def _eval_geometry(self) -> list[Any]:
         size = self.dims[1]
-        return T.Compose(
-            [
-                T.Resize(round(size * 256 / 224), antialias=True),
-                T.CenterCrop(size),
-                *self._to_tensor_steps(),
-            ]
-        )
+        return [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
+
+    def _to_tensor_steps(self) -> list[Any]:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
     def check_available(self) -> None:
         """Both split folders must exist and contain class folders."""
@@ -84,7 +109,7 @@ class ImageNetDataModule(BaseDataModule):
     def _folder(self, split: str, transform: Any) -> Dataset:
         path = Path(self.root) / split
         try:
-            ds = datasets.ImageFolder(str(path), transform=transform)
+            ds = datasets.ImageFolder(str(path), transform=transform, loader=read_rgb)
         except FileNotFoundError as err:  # a class folder without a single image
             empty = sorted(p.name for p in path.iterdir() if p.is_dir() and not _has_image(p))
             raise DataError(
