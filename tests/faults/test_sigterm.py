@@ -83,3 +83,21 @@ def test_no_batch_boundary_within_the_grace_period_exits_143(tmp_path: Path) -> 
     assert "no batch boundary within 30 s" in proc.stderr + proc.stdout
     assert _state(tmp_path)["global_step"] == 6  # the epoch's checkpoint stays the last one
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_with_persistent_workers_resumes_exactly(tmp_path: Path) -> None:
+    """Two persistent workers: the loader's position is found through the seed-tagged sampler
+    they read from, and their dataset copies follow the resumed epoch."""
+    workers = [*ARGS, "dataset.num_workers=2"]
+    proc = run_main([*workers, f"hydra.run.dir={tmp_path / 'straight'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "term"
+    proc = run_main([*workers, f"hydra.run.dir={run_dir}", SIGTERM], env={"SIGTERM_AT": "4"})
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert _state(run_dir)["global_step"] == 4
+    proc = run_main([*workers, f"hydra.run.dir={run_dir}", SIGTERM, "ckpt_path=last"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed, expected = _state(run_dir), _state(tmp_path / "straight")
+    for key in ("state_dict", "optimizer_states", "global_step"):
+        _assert_same(resumed[key], expected[key], key)
