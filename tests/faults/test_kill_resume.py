@@ -14,25 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from ..framework.helpers import ROOT, TINY, main_cmd, run_main
+from ..framework.helpers import ROOT, TINY, assert_same, main_cmd, run_main
 
 ARGS = [*TINY, "trainer.max_epochs=3", "trainer.limit_train_batches=15", "net.dropout=0.3",
         "dataset.augment=true", "dataset.noise=0.1", "scheduler=cosine"]
-
-
-def _same(a: Any, b: Any, where: str = "") -> None:
-    if torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def _state(run_dir: Path) -> dict[str, Any]:
@@ -64,7 +49,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path: Path) -
         child.wait()
         done = run_main([*ARGS, "ckpt_path=last", f"hydra.run.dir={run_dir}"])
         assert done.returncode == 0, f"delay {delay:.2f}s: {done.stderr[-3000:]}"
-        _same(_state(straight), _state(run_dir), f"killed after {delay:.2f}s")
+        assert_same(_state(straight), _state(run_dir), f"killed after {delay:.2f}s")
         got = json.loads((run_dir / "results.json").read_text())
         for key in ("test/acc1", "test/acc5", "test/loss", "val/acc1_best", "epochs"):
             assert got[key] == expected[key], key

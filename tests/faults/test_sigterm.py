@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from ..framework.helpers import TINY, run_main
+from ..framework.helpers import TINY, assert_same, run_main
 
 # 2 epochs of 6 batches, with dropout, random augmentation and noise: every source of
 # randomness a resume must reproduce.
@@ -24,21 +24,6 @@ def _state(run_dir: Path) -> dict[str, Any]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=True)
     return ckpt
-
-
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    if torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.slow
@@ -61,7 +46,7 @@ def test_sigterm_at_fixed_points_then_resume_is_bitwise_exact(tmp_path: Path) ->
         assert proc.returncode == 0, proc.stderr[-3000:]
         resumed = _state(run_dir)
         for key in ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "epoch"):
-            _assert_same(resumed[key], expected[key], f"step {step}: {key}")
+            assert_same(resumed[key], expected[key], f"step {step}: {key}")
 
 
 @pytest.mark.slow
@@ -100,4 +85,4 @@ def test_sigterm_mid_epoch_with_persistent_workers_resumes_exactly(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed, expected = _state(run_dir), _state(tmp_path / "straight")
     for key in ("state_dict", "optimizer_states", "global_step"):
-        _assert_same(resumed[key], expected[key], key)
+        assert_same(resumed[key], expected[key], key)

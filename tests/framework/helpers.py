@@ -8,8 +8,10 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -103,3 +105,19 @@ def write_tiny_imagefolder(root: Path, classes: int = 3, per_class: int = 6) -> 
                 img = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Bitwise equality of nested checkpoint contents (tensors, dicts, lists, values)."""
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
