@@ -88,13 +88,17 @@ class SizeEstimate:
 
     def describe(self) -> str:
         """One line for the log and for refusals."""
-        gib = 2**30
         return (
-            f"{self.params:,} parameters; estimated training memory {self.total / gib:.2f} GiB "
-            f"({self.param_bytes / gib:.2f} GiB weights, gradients and optimizer state + "
-            f"{self.activation_bytes / gib:.2f} GiB activations) of {self.memory / gib:.1f} GiB "
+            f"{self.params:,} parameters; estimated training memory {_size(self.total)} "
+            f"({_size(self.param_bytes)} weights, gradients and optimizer state + "
+            f"{_size(self.activation_bytes)} activations) of {self.memory / 2**30:.1f} GiB "
             f"{self.memory_name}"
         )
+
+
+def _size(n: float) -> str:
+    """Bytes in GiB, or in MiB below 1 GiB (a small run's estimate is not ``0.00 GiB``)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _layer_keys(cfg: DictConfig) -> list[str]:
