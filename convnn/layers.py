@@ -322,11 +322,11 @@ class ConvNNBase(nn.Module):
         over the others is wasted work (11 % of a padded 32×32 map, 28 % of an 8×8 one); the
         result is the same as searching all tokens.
         """
-        pads = _first_padding_positions(tokens.shape, self.padding, self.K - 1)
-        if pads is None:
-            return None
-        extra = device_indices(pads, tokens.query_positions.device)
-        return torch.cat([tokens.query_positions, extra])
+        device = tokens.query_positions.device
+        if torch.compiler.is_compiling():
+            return _search_candidates(tokens.shape, self.padding, self.K - 1, device)
+        # one shared constant per configuration: the search caches its bookkeeping on it
+        return _cached_search_candidates(tokens.shape, self.padding, self.K - 1, device)
 
     def _check_divisible(self, shape: tuple[int, ...]) -> None:
         s = self.shuffle_scale
@@ -354,6 +354,19 @@ def _query_positions(shape: tuple[int, ...], p: int, device: torch.device) -> Te
 
 
 _cached_query_positions = functools.lru_cache(maxsize=256)(_query_positions)
+
+
+def _search_candidates(
+    shape: tuple[int, ...], p: int, count: int, device: torch.device
+) -> Tensor | None:
+    """The real tokens, then the first ``count`` padding tokens (``None``: every token)."""
+    pads = _first_padding_positions(shape, p, count)
+    if pads is None:
+        return None
+    return torch.cat([_query_positions(shape, p, device), device_indices(pads, device)])
+
+
+_cached_search_candidates = functools.lru_cache(maxsize=256)(_search_candidates)
 
 
 def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tuple[int, ...] | None:

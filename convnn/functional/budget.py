@@ -188,6 +188,23 @@ def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Ten
     return torch.arange(start, end, step, device=device)
 
 
+def _const(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim ``value`` of ``dtype`` on ``device``: an operand that ATen does not wrap and cast
+    per call as it does a Python scalar (each wrap is a ``to``/``copy`` chain of 4 ops).
+
+    Eager: one shared constant per (value, dtype, device); never modify it in place. While
+    compiling: a fresh tensor, a constant of the graph.
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=dtype, device=device)
+    return _cached_const(value, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_const(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without the (no-op) dispatch when it already has that dtype."""
     return t if t.dtype == dtype else t.to(dtype)

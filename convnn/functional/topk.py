@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convnn.functional.budget import _arange
+from convnn.functional.budget import _arange, _const
 
 __all__: list[str] = []  # private helpers only; the search and the layers use them
 
@@ -60,14 +60,18 @@ _KEYED_MAX_WIDTH = 512
 def _keyed_topk(scores: Tensor, k: int) -> Tensor:
     """Exact top-k of a float32 row by (score desc, index asc) through unique int64 keys.
 
-    The float's bits, made order-preserving as an int32 (-0.0 first folded into +0.0, which it
-    equals), go to the high bits and 65535 - column to the low 16 bits: keys never tie, so one
-    ``topk`` gives the exact order with no repair. Cheapest on short rows.
+    The float's bits, made order-preserving (non-negative floats keep them, negative ones map to
+    minus their magnitude bits, so -0.0 and +0.0 both give 0), go to the high bits and
+    65535 - column to the low 16 bits: keys never tie, so one ``topk`` gives the exact order
+    with no repair. Cheapest on short rows; constant operands are cached tensors (10 ops).
     """
-    m = scores.shape[-1]
-    bits = (scores + 0.0).view(torch.int32)
-    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64).bitwise_left_shift_(16)
-    key.bitwise_or_(_arange(-65535, m - 65535, device=scores.device, scale=-1))  # 65535 - col
+    m, device = scores.shape[-1], scores.device
+    # the int32 bits sign-extended: a negative float has bits b = magnitude - 2**31
+    bits = torch.empty(scores.shape, dtype=torch.int64, device=device)
+    bits.copy_(scores.view(torch.int32))
+    neg = _const(-(2**31), torch.int64, device) - bits  # -(magnitude) where the sign bit is set
+    key = torch.where(torch.signbit(scores), neg, bits).mul_(65536)
+    key.add_(_arange(-65535, m - 65535, device=device, scale=-1))  # 65535 - col
     return key.topk(k, dim=-1, largest=True, sorted=True).indices
 
 
