@@ -251,7 +251,9 @@ class ConvNNBase(nn.Module):
             x = pixel_unshuffle_1d(x, s) if d == 1 else F.pixel_unshuffle(x, s)
         tokens = self.prepare_tokens(x)
         out = self.mix(tokens)  # (B, Nq, O')
-        out = out.transpose(1, 2).reshape(x.shape[0], self.mix_out_channels, *tokens.shape)
+        out = out.transpose(1, 2)  # contiguous when mix returns a channels-first buffer's view
+        shape = (x.shape[0], self.mix_out_channels, *tokens.shape)
+        out = out.view(shape) if out.is_contiguous() else out.reshape(shape)
         if self.shuffle_after:
             s = self.shuffle_scale
             out = pixel_shuffle_1d(out, s) if d == 1 else F.pixel_shuffle(out, s)
@@ -265,10 +267,7 @@ class ConvNNBase(nn.Module):
         padded = tuple(n + 2 * p for n in shape)
         # channels-last once: shared by the search and the gather (no further copies)
         if p:  # zero padding written straight into the channels-last buffer (fewer ops)
-            feats = x.new_zeros(b, *padded, x.shape[1])
-            inner = feats[:, p:-p] if self.spatial_dims == 1 else feats[:, p:-p, p:-p]
-            inner.copy_(x.movedim(1, -1))
-            feats = feats.view(b, -1, x.shape[1])  # (B, Np, C')
+            feats = _PadChannelsLast.apply(x, p)  # (B, Np, C')
         else:
             feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C')
         coords = None
@@ -387,6 +386,39 @@ def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tupl
         if not inside:
             found.append(flat)
     return tuple(found)
+
+
+def _interior(t: Tensor, p: int, padded: tuple[int, ...]) -> Tensor:
+    """(B, C, *shape) view of the unpadded part of contiguous channels-last tokens (B, Np, C)
+    of a map padded by ``p`` to ``padded``: one ``as_strided`` instead of slices and a permute."""
+    b, _, c = t.shape
+    if torch.compiler.is_compiling():  # dynamo cannot trace storage_offset(): plain views
+        grid = t.view(b, *padded, c)
+        return (grid[:, p:-p] if len(padded) == 1 else grid[:, p:-p, p:-p]).movedim(-1, 1)
+    spatial = [c]  # strides of the padded spatial dims, last first
+    for n in reversed(padded[1:]):
+        spatial.insert(0, spatial[0] * n)
+    offset = p * sum(spatial)  # the token at (p, p, ...)
+    shape = (b, c, *(n - 2 * p for n in padded))
+    return t.as_strided(shape, (t.stride(0), 1, *spatial), t.storage_offset() + offset)
+
+
+class _PadChannelsLast(torch.autograd.Function):
+    """(B, C, *shape) -> zero-padded channels-last tokens (B, Np, C): one buffer and one copy
+    forward; backward is a view of the incoming gradient's interior (no autograd copy nodes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: int) -> Tensor:
+        b, c = x.shape[:2]
+        padded = tuple(n + 2 * p for n in x.shape[2:])
+        feats = torch.zeros(b, math.prod(padded), c, dtype=x.dtype, device=x.device)
+        _interior(feats, p, padded).copy_(x)
+        ctx.p, ctx.padded = p, padded
+        return feats
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _interior(grad.contiguous(), ctx.p, ctx.padded), None
 
 
 class _ConvNNHard(ConvNNBase):

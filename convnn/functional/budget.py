@@ -56,8 +56,9 @@ def canonical_magnitude(magnitude_type: str) -> str:
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores are at least float32 (bf16/fp16 change which neighbours win)."""
-    return torch.promote_types(dtype, torch.float32)
+    """Scores are at least float32 (bf16/fp16 change which neighbours win): float64 stays, every
+    other dtype scores in float32 (a Python check: ``torch.promote_types`` is a dispatched op)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prepare(x: Tensor, magnitude_type: str, *, is_query: bool) -> Tensor:
@@ -186,6 +187,22 @@ def _arange(start: int, end: int | None = None, *, device: torch.device, scale: 
 @functools.lru_cache(maxsize=1024)
 def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
     return torch.arange(start, end, step, device=device)
+
+
+def _offsets(start: int, end: int, scale: int, device: torch.device, dims: int) -> Tensor:
+    """:func:`_arange` (``start``..``end`` times ``scale``) shaped (n, 1, ...) with ``dims``
+    dimensions, for broadcasting over the trailing ones (a cached view in eager mode)."""
+    shape = (end - start,) + (1,) * (dims - 1)
+    if torch.compiler.is_compiling():
+        return _arange(start, end, device=device, scale=scale).view(shape)
+    return _cached_offsets(start, end, scale, torch.device(device), shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_offsets(
+    start: int, end: int, scale: int, device: torch.device, shape: tuple[int, ...]
+) -> Tensor:
+    return _cached_arange(start * scale, end * scale, scale, device).view(shape)
 
 
 def _const(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:

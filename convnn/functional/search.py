@@ -118,9 +118,11 @@ def knn_search(
     budget = _op_budget(queries.device, memory_budget)
     shared = queries is keys
     search = _knn_search_op if _use_custom_ops() else _knn_search_blocked
+    if search is _knn_search_op:  # the op takes no autograd inputs; eager runs under no_grad
+        queries, keys = queries.detach(), keys.detach()
     return search(
-        queries.detach(),
-        keys.detach(),
+        queries,
+        keys,
         K,
         mt,
         candidates,
@@ -139,7 +141,7 @@ class _Plan(NamedTuple):
     m: int  # candidate keys
     columns: int  # score columns searched (m, or m + 1 with a spare -inf self column)
     width: int  # score columns allocated: a whole number of blocks
-    self_cols: Tensor  # (nq,) each query's self column among the scores
+    self_cols: Tensor  # (1, nq, 1) each query's self column among the scores
     self_first: Tensor  # (nq, 1) each query's own key index, slot 0 with include_self
     key_rows: Tensor | None  # (width,) key rows to score (padded columns: any valid row)
     cand_cols: Tensor | None  # (width,) key index of each score column (-1 past m)
@@ -169,7 +171,14 @@ def _make_plan(
     elif width > m:
         key_rows = _padded_rows(m, width, query_positions.device)
     return _Plan(
-        candidates, m, columns, width, self_cols, query_positions.view(-1, 1), key_rows, cand_cols
+        candidates,
+        m,
+        columns,
+        width,
+        self_cols.view(1, -1, 1),
+        query_positions.view(-1, 1),
+        key_rows,
+        cand_cols,
     )
 
 
@@ -248,11 +257,11 @@ def _knn_search_blocked(
     plan = _search_plan(candidates, query_positions, nk, k_sel, include_self)
     m, width = plan.m, plan.width
     blocks = _chunks(b, nq, _search_bytes_per_query(plan.columns, k_sel), budget)
-    out = None
-    if len(blocks) > 1:
+    out = None  # not needed when one block's selection is the result
+    if include_self or plan.cand_cols is not None or len(blocks) > 1:
         out = torch.empty(b, nq, K, dtype=torch.long, device=device)
         if include_self:
-            out[..., :1].copy_(plan.self_first)
+            out[:, :, :1].copy_(plan.self_first)
     with _no_autocast(device):
         kp = _prepare(keys, mt, is_query=False)
         qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
@@ -266,22 +275,26 @@ def _knn_search_blocked(
                 bias = bias[..., plan.candidates]
         neg_inf = _const(-math.inf, qp.dtype, device)
         for b0, b1, q0, q1 in blocks:
-            scores = _scores_prepared(qp[b0:b1, q0:q1], kp[b0:b1], mt)
+            whole = len(blocks) == 1  # one block: no slicing
+            qb, kb = (qp, kp) if whole else (qp[b0:b1, q0:q1], kp[b0:b1])
+            scores = _scores_prepared(qb, kb, mt)
             if bias is not None:
                 rows = slice(0, 1) if bias.shape[0] == 1 else slice(b0, b1)
                 scores[..., :m] += bias[rows, q0:q1]
             if width > m:
-                scores.narrow(-1, m, width - m).fill_(neg_inf)
-            self_cols = plan.self_cols[q0:q1] if include_self else None
+                scores[:, :, m:].fill_(neg_inf)
+            self_cols = None
+            if include_self:
+                self_cols = plan.self_cols if whole else plan.self_cols[:, q0:q1]
             sel = _ordered_topk(scores, k_sel, self_cols=self_cols)
-            if plan.cand_cols is not None:
-                sel = plan.cand_cols.take(sel)
-            if out is None:  # one block: no output buffer
-                if not include_self:
-                    return sel
-                return torch.cat([plan.self_first.expand(b, nq, 1), sel], dim=-1)
-            dst = out[b0:b1, q0:q1, 1:] if include_self else out[b0:b1, q0:q1]
-            dst.copy_(sel)
+            if out is None:
+                return sel
+            dst = out if whole else out[b0:b1, q0:q1]
+            dst = dst[:, :, 1:] if include_self else dst
+            if plan.cand_cols is None:
+                dst.copy_(sel)
+            else:
+                torch.take(plan.cand_cols, sel, out=dst)
     return out
 
 
