@@ -213,11 +213,9 @@ class ConvNNBase(nn.Module):
         """Standard hard selection (B, Nq, K): self at slot 0, then the K-1 best candidates;
         with ``similarity_type="Loc"`` the indices are re-sorted into raster order."""
         search = tokens.search
-        queries = (
-            search
-            if tokens.search.shape[1] == tokens.query_positions.numel()
-            else (search.index_select(1, tokens.query_positions))
-        )
+        # the queries are the search features at the query positions (None: taken inside the
+        # search from the prepared keys, so they are not normalised a second time)
+        queries = search if search.shape[1] == tokens.query_positions.shape[0] else None
         candidates = tokens.candidates
         if candidates is None and self.padding and self.similarity_type == "Col":
             candidates = self._without_surplus_padding(tokens)

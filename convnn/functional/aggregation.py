@@ -222,13 +222,16 @@ _aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_se
 
 
 class _Aggregate(torch.autograd.Function):
-    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+    """The eager path: the custom op's kernels and autograd formula without its dispatch.
+
+    ``forward`` takes ``ctx`` (no separate ``setup_context``): ``Function.apply`` then skips
+    the ``inspect.signature`` binding it does per call for the other style."""
 
     @staticmethod
-    def forward(values, idx, weight, bias, gates, budget):
-        return _aggregate_forward(values, idx, weight, bias, gates, budget)
-
-    setup_context = staticmethod(_aggregate_setup)
+    def forward(ctx, values, idx, weight, bias, gates, budget):
+        out = _aggregate_forward(values, idx, weight, bias, gates, budget)
+        _aggregate_setup(ctx, (values, idx, weight, bias, gates, budget), out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -298,13 +298,15 @@ _attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 class _Attend(torch.autograd.Function):
-    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+    """The eager path: the custom op's kernels and autograd formula without its dispatch
+    (``forward`` takes ``ctx``: no per-call ``inspect.signature`` binding in ``apply``)."""
 
     @staticmethod
-    def forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
-        return _attend_forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
-
-    setup_context = staticmethod(_attend_setup)
+    def forward(ctx, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+        args = (q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+        out = _attend_forward(*args)
+        _attend_setup(ctx, args, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -229,7 +229,10 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device``; a no-op on ``meta`` (no autocast there: shape-only runs,
-    such as the check that a step creates no host tensor, go through the same code)."""
-    if device.type == "meta":
+    such as the check that a step creates no host tensor, go through the same code) and, in
+    eager mode, where autocast is off already (entering ``torch.autocast`` costs a few µs)."""
+    if device.type == "meta" or (
+        not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device.type)
+    ):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)

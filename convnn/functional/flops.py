@@ -90,6 +90,8 @@ def _knn_search_flops(
     score_bias=None,
     out_shape=None,
 ) -> int:
+    if queries is None:  # the keys at query_positions
+        queries = (keys[0], query_positions[0], keys[2])
     return search_flops(queries, keys, K, candidates, include_self)
 
 

@@ -46,8 +46,12 @@ def _search_bytes_per_query(m: int, k: int) -> int:
     return width * _SEARCH_BYTES_PER_SCORE + _tie_columns(width, k) * _TIE_BYTES
 
 
-def _check_search_args(queries: Tensor, keys: Tensor, K: int, m: int, include_self: bool) -> None:
-    if keys.shape[0] != queries.shape[0] or keys.shape[2] != queries.shape[2]:
+def _check_search_args(
+    queries: Tensor | None, keys: Tensor, K: int, m: int, include_self: bool
+) -> None:
+    if queries is not None and (
+        keys.shape[0] != queries.shape[0] or keys.shape[2] != queries.shape[2]
+    ):
         raise ValueError(
             f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must share B and D"
         )
@@ -61,7 +65,7 @@ def _check_search_args(queries: Tensor, keys: Tensor, K: int, m: int, include_se
 
 @torch.no_grad()
 def knn_search(
-    queries: Tensor,
+    queries: Tensor | None,
     keys: Tensor,
     K: int,
     magnitude_type: str,
@@ -75,7 +79,8 @@ def knn_search(
     """K nearest keys of every query: LongTensor (B, Nq, K) of key indices in rank order.
 
     Args:
-        queries: (B, Nq, D) search features of the queries.
+        queries: (B, Nq, D) search features of the queries; ``None``: the keys at
+            ``query_positions`` (prepared once with the keys, not a second time).
         keys: (B, Nk, D) search features of the keys.
         K: neighbours per query.
         magnitude_type: ``cosine``/``euclidean``/``matmul`` (or an alias).
@@ -94,9 +99,15 @@ def knn_search(
     search exactly. Sync-free: shapes come from ``.shape``, never from tensor values.
     """
     mt = canonical_magnitude(magnitude_type)
-    _check_btd("queries", queries)
     _check_btd("keys", keys)
-    nq, nk = queries.shape[1], keys.shape[1]
+    if queries is None:
+        if query_positions is None:
+            raise ValueError("queries=None (the keys at query_positions) needs query_positions")
+        nq = query_positions.shape[0]
+    else:
+        _check_btd("queries", queries)
+        nq = queries.shape[1]
+    nk = keys.shape[1]
     m = nk if candidates is None else candidates.numel()
     _check_search_args(queries, keys, K, m, include_self)
     if query_positions is None:
@@ -110,16 +121,17 @@ def knn_search(
         )
     if score_bias is not None:
         lead = score_bias.shape[:-2]
-        if score_bias.shape[-2:] != (nq, nk) or lead not in ((), (1,), (queries.shape[0],)):
+        if score_bias.shape[-2:] != (nq, nk) or lead not in ((), (1,), (keys.shape[0],)):
             raise ValueError(
                 f"score_bias must have shape ({nq}, {nk}) or (B, {nq}, {nk}), got "
                 f"{tuple(score_bias.shape)}"
             )
-    budget = _op_budget(queries.device, memory_budget)
+    budget = _op_budget(keys.device, memory_budget)
     shared = queries is keys
     search = _knn_search_op if _use_custom_ops() else _knn_search_blocked
     if search is _knn_search_op:  # the op takes no autograd inputs; eager runs under no_grad
-        queries, keys = queries.detach(), keys.detach()
+        queries = None if queries is None else queries.detach()
+        keys = keys.detach()
     return search(
         queries,
         keys,
@@ -227,7 +239,7 @@ def _search_plan(
 
 
 def _knn_search_blocked(
-    queries: Tensor,
+    queries: Tensor | None,
     keys: Tensor,
     K: int,
     magnitude_type: str,
@@ -238,11 +250,12 @@ def _knn_search_blocked(
     shared: bool,
     score_bias: Tensor | None = None,
 ) -> Tensor:
-    """Blocked exact search behind :func:`knn_search` (arguments already validated)."""
+    """Blocked exact search behind :func:`knn_search` (arguments already validated; ``queries``
+    ``None``: the keys at ``query_positions``)."""
     mt = magnitude_type
-    b, nq, _ = queries.shape
-    nk = keys.shape[1]
-    device = queries.device
+    b, nk, _ = keys.shape
+    nq = query_positions.shape[0] if queries is None else queries.shape[1]
+    device = keys.device
     if budget < 0:
         budget = resolve_memory_budget(device)
     if query_positions is None:
@@ -264,7 +277,12 @@ def _knn_search_blocked(
             out[:, :, :1].copy_(plan.self_first)
     with _no_autocast(device):
         kp = _prepare(keys, mt, is_query=False)
-        qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
+        if queries is None and mt != "matmul":  # rows of the prepared keys (row-wise prep)
+            qp = kp.index_select(1, query_positions)
+        elif queries is None:
+            qp = _prepare(keys.index_select(1, query_positions), mt, is_query=True)
+        else:
+            qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
         if plan.key_rows is not None:
             kp = kp.index_select(1, plan.key_rows)
         bias = None
@@ -300,7 +318,7 @@ def _knn_search_blocked(
 
 @torch.library.custom_op("convnn::knn_search", mutates_args=())
 def _knn_search_op(
-    queries: Tensor,
+    queries: Tensor | None,
     keys: Tensor,
     K: int,
     magnitude_type: str,
@@ -341,4 +359,5 @@ def _(
     score_bias=None,
 ):
     register_flop_formulas()
-    return queries.new_empty(queries.shape[0], queries.shape[1], K, dtype=torch.long)
+    nq = query_positions.shape[0] if queries is None else queries.shape[1]
+    return keys.new_empty(keys.shape[0], nq, K, dtype=torch.long)
