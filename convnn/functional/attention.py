@@ -99,6 +99,19 @@ def attention_gates(scores: Tensor, magnitude_type: str, *, softmax: bool = True
     return _gate_weights(scores, euclidean, softmax)
 
 
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x / max(‖x‖, eps), ‖x‖) row-wise: the cosine search's normalisation, same arithmetic."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.clamp_min(_EPS), norm
+
+
+def _unit_grad(unit: Tensor, norm: Tensor, grad: Tensor) -> Tensor:
+    """Gradient w.r.t. x of y = x / max(‖x‖, eps) (:func:`_unit`) given dL/dy: (g − y⟨y, g⟩)
+    / ‖x‖ where ‖x‖ > eps, g / eps where the floor holds (y is then linear in x)."""
+    along = (unit * grad).sum(-1, keepdim=True).mul_(norm > _EPS)
+    return (grad - unit * along).div_(norm.clamp_min(_EPS))
+
+
 def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     """Recomputed forward of one block: (scores' inputs, gates, gathered values, head rows)."""
     b0, b1, q0, q1 = blk
@@ -132,7 +145,10 @@ def _attend_forward(
     mode: str,
     budget: int,
 ) -> Tensor:
-    """Blocked forward of :func:`attend_neighbors`."""
+    """Blocked forward of :func:`attend_neighbors` (``metric="cos"``: dot products of the
+    normalised q and k, normalised here rather than saved for backward)."""
+    if metric == "cos":
+        q, k, metric = _unit(q)[0], _unit(k)[0], "dot"
     bh, nq, kk = idx.shape
     dv = v.shape[-1]
     o = weight.shape[-1] if mode == "standard" else dv
@@ -171,8 +187,16 @@ def _attend_grads(
     mode: str,
     budget: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (q, k, v, weight) of :func:`_attend_forward`; gathers are recomputed per block.
-    An empty tensor stands for the weight gradient when there is no weight."""
+    """Gradients (q, k, v, weight) of :func:`_attend_forward`; gathers are recomputed per block
+    (and, for ``metric="cos"``, the normalisation of q and k). An empty tensor stands for the
+    weight gradient when there is no weight."""
+    if metric == "cos":
+        (q, q_norm), (k, k_norm) = _unit(q), _unit(k)
+        grads = _attend_grads(
+            grad_out, q, k, v, idx, mask, weight, heads, "dot", softmax, mode, budget
+        )
+        grad_q, grad_k = _unit_grad(q, q_norm, grads[0]), _unit_grad(k, k_norm, grads[1])
+        return grad_q, grad_k, grads[2], grads[3]
     bh, nq, kk = idx.shape
     d, dv = q.shape[-1], v.shape[-1]
     o = grad_out.shape[-1]
@@ -359,14 +383,13 @@ def attend_neighbors(
     with _no_autocast(queries.device):
         q = _cast(queries, _score_dtype(queries.dtype))
         k = _cast(keys, _score_dtype(keys.dtype))
-        if mt == "cosine":
-            q, k = F.normalize(q, dim=-1, eps=_EPS), F.normalize(k, dim=-1, eps=_EPS)
-        elif mt == "matmul":
+        if mt == "matmul":
             q = q / math.sqrt(q.shape[-1])
         if gate_mask is not None:
             gate_mask = _cast(gate_mask, q.dtype)
         budget = _op_budget(values.device, memory_budget)
-        metric = "dist" if mt == "euclidean" else "dot"
+        # cosine: the op normalises q and k itself (nothing normalised is saved for backward)
+        metric = {"euclidean": "dist", "cosine": "cos"}.get(mt, "dot")
         attend = _attend_op if _use_custom_ops() else _Attend.apply
         return attend(
             q.contiguous(),
