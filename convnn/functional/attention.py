@@ -112,6 +112,13 @@ def _unit_grad(unit: Tensor, norm: Tensor, grad: Tensor) -> Tensor:
     return (grad - unit * along).div_(norm.clamp_min(_EPS))
 
 
+def _rowvec_times(x: Tensor, rows: Tensor) -> Tensor:
+    """⟨x[..., :], rows[..., j, :]⟩ for every j: (..., D) × (..., K, D) -> (..., K), as a batch
+    of row-vector × matrix products (BLAS runs a batch of matrix × column-vector products
+    several times slower on a CPU)."""
+    return (x.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
+
+
 def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     """Recomputed forward of one block: (scores' inputs, gates, gathered values, head rows)."""
     b0, b1, q0, q1 = blk
@@ -122,7 +129,7 @@ def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     qb = q[b0:b1, q0:q1]
     kg = k.reshape(-1, d).index_select(0, flat).view(nb, nq, kk, d)
     if metric == "dot":
-        s = (kg @ qb.unsqueeze(-1)).squeeze(-1)
+        s = _rowvec_times(qb, kg)
     else:
         s = (qb.unsqueeze(2) - kg).pow_(2).sum(-1).neg_()
     g = _gate_weights(s, metric == "dist", softmax)
@@ -217,12 +224,12 @@ def _attend_grads(
         go = grad_out[b0:b1, q0:q1]
         gv = _cast(gm, v.dtype)
         if mode == "sum":
-            grad_gm = (vg @ go.unsqueeze(-1)).squeeze(-1)
+            grad_gm = _rowvec_times(go, vg)
             grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
         elif mode == "depthwise":
             t = gv.unsqueeze(-1) * go.unsqueeze(2)  # (nb, nq, K, dv)
             grad_w.index_add_(0, which, (t * vg).sum(1))
-            grad_gm = (vg.mul_(w.unsqueeze(1)) @ go.unsqueeze(-1)).squeeze(-1)
+            grad_gm = _rowvec_times(go, vg.mul_(w.unsqueeze(1)))
             grad_vg = t.mul_(w.unsqueeze(1))
         else:
             x = (vg * gv.unsqueeze(-1)).view(nb, nqb, kk * dv)
