@@ -107,9 +107,10 @@ def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _unit_grad(unit: Tensor, norm: Tensor, grad: Tensor) -> Tensor:
     """Gradient w.r.t. x of y = x / max(‖x‖, eps) (:func:`_unit`) given dL/dy: (g − y⟨y, g⟩)
-    / ‖x‖ where ‖x‖ > eps, g / eps where the floor holds (y is then linear in x)."""
-    along = (unit * grad).sum(-1, keepdim=True).mul_(norm > _EPS)
-    return (grad - unit * along).div_(norm.clamp_min(_EPS))
+    / ‖x‖ where ‖x‖ > eps, g / eps where the floor holds (y is then linear in x). Computed in
+    ``grad``'s memory (no full-size temporary)."""
+    along = torch.linalg.vecdot(unit, grad, dim=-1).unsqueeze_(-1).mul_(norm > _EPS)
+    return grad.addcmul_(unit, along, value=-1).div_(norm.clamp_min(_EPS))
 
 
 def _rowvec_times(x: Tensor, rows: Tensor) -> Tensor:
@@ -199,11 +200,10 @@ def _attend_grads(
     weight gradient when there is no weight."""
     if metric == "cos":
         (q, q_norm), (k, k_norm) = _unit(q), _unit(k)
-        grads = _attend_grads(
+        grad_q, grad_k, grad_v, grad_w = _attend_grads(
             grad_out, q, k, v, idx, mask, weight, heads, "dot", softmax, mode, budget
         )
-        grad_q, grad_k = _unit_grad(q, q_norm, grads[0]), _unit_grad(k, k_norm, grads[1])
-        return grad_q, grad_k, grads[2], grads[3]
+        return _unit_grad(q, q_norm, grad_q), _unit_grad(k, k_norm, grad_k), grad_v, grad_w
     bh, nq, kk = idx.shape
     d, dv = q.shape[-1], v.shape[-1]
     o = grad_out.shape[-1]
