@@ -60,8 +60,18 @@ def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: tor
     """Per-row filter of batch rows b0:b1 (row r belongs to head r mod ``heads``)."""
     if weight is None:
         return None, None
+    if heads == 1:  # one filter for every row: broadcast, no per-row copy
+        return None, _cast(weight, dtype).expand(b1 - b0, *weight.shape[1:])
     which = _arange(b0, b1, device=weight.device).remainder(heads)
     return which, _cast(weight.index_select(0, which), dtype)
+
+
+def _add_head_grad(grad_w: Tensor, which: Tensor | None, rows: Tensor) -> None:
+    """Accumulate per-row filter gradients ``rows`` into their heads' ``grad_w``."""
+    if which is None:
+        grad_w.add_(rows.sum(0, keepdim=True))
+    else:
+        grad_w.index_add_(0, which, rows)
 
 
 #: Added to the distance in the raw euclidean attention weights 1 / (‖q − k‖ + eps), as the
@@ -228,12 +238,12 @@ def _attend_grads(
             grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
         elif mode == "depthwise":
             t = gv.unsqueeze(-1) * go.unsqueeze(2)  # (nb, nq, K, dv)
-            grad_w.index_add_(0, which, (t * vg).sum(1))
+            _add_head_grad(grad_w, which, (t * vg).sum(1))
             grad_gm = _rowvec_times(go, vg.mul_(w.unsqueeze(1)))
             grad_vg = t.mul_(w.unsqueeze(1))
         else:
             x = (vg * gv.unsqueeze(-1)).view(nb, nqb, kk * dv)
-            grad_w.index_add_(0, which, torch.bmm(x.transpose(1, 2), go))
+            _add_head_grad(grad_w, which, torch.bmm(x.transpose(1, 2), go))
             gx = torch.bmm(go, w.transpose(1, 2)).view(nb, nqb, kk, dv)
             grad_gm = (gx * vg).sum(-1)
             grad_vg = gx.mul_(gv.unsqueeze(-1))
@@ -402,7 +412,7 @@ def attend_neighbors(
             q.contiguous(),
             k.contiguous(),
             values.contiguous(),
-            idx.long(),
+            _cast(idx, torch.long),
             gate_mask,
             weight,
             heads,
