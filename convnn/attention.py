@@ -43,6 +43,8 @@ CONVOLUTION_TYPES: tuple[str, ...] = ("standard", "depthwise", "depthwise-separa
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
     """(B, N, C) -> (B·h, N, C/h): each head becomes an independent batch entry."""
+    if heads == 1:  # already that shape: no view ops (nor their autograd nodes)
+        return t
     b, n, c = t.shape
     return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
 
@@ -252,7 +254,8 @@ class _ConvNNAttentionBase(ConvNNBase):
             memory_budget=budget,
             **common,
         )
-        out = out.unflatten(0, (b, h)).transpose(1, 2).reshape(b, nq, h * d)
+        if h > 1:
+            out = out.unflatten(0, (b, h)).transpose(1, 2).reshape(b, nq, h * d)
         if self.convolution_type == "depthwise-separable":
             out = F.linear(out, self.pointwise_weight.squeeze(-1), self.pointwise_bias)
         return out

@@ -213,11 +213,9 @@ class ConvNNBase(nn.Module):
         """Standard hard selection (B, Nq, K): self at slot 0, then the K-1 best candidates;
         with ``similarity_type="Loc"`` the indices are re-sorted into raster order."""
         search = tokens.search
-        queries = (
-            search
-            if tokens.search.shape[1] == tokens.query_positions.numel()
-            else (search.index_select(1, tokens.query_positions))
-        )
+        # the queries are the search features at the query positions (None: taken inside the
+        # search from the prepared keys, so they are not normalised a second time)
+        queries = search if search.shape[1] == tokens.query_positions.shape[0] else None
         candidates = tokens.candidates
         if candidates is None and self.padding and self.similarity_type == "Col":
             candidates = self._without_surplus_padding(tokens)
@@ -251,7 +249,9 @@ class ConvNNBase(nn.Module):
             x = pixel_unshuffle_1d(x, s) if d == 1 else F.pixel_unshuffle(x, s)
         tokens = self.prepare_tokens(x)
         out = self.mix(tokens)  # (B, Nq, O')
-        out = out.transpose(1, 2).reshape(x.shape[0], self.mix_out_channels, *tokens.shape)
+        out = out.transpose(1, 2)  # contiguous when mix returns a channels-first buffer's view
+        shape = (x.shape[0], self.mix_out_channels, *tokens.shape)
+        out = out.view(shape) if out.is_contiguous() else out.reshape(shape)
         if self.shuffle_after:
             s = self.shuffle_scale
             out = pixel_shuffle_1d(out, s) if d == 1 else F.pixel_shuffle(out, s)
@@ -265,10 +265,7 @@ class ConvNNBase(nn.Module):
         padded = tuple(n + 2 * p for n in shape)
         # channels-last once: shared by the search and the gather (no further copies)
         if p:  # zero padding written straight into the channels-last buffer (fewer ops)
-            feats = x.new_zeros(b, *padded, x.shape[1])
-            inner = feats[:, p:-p] if self.spatial_dims == 1 else feats[:, p:-p, p:-p]
-            inner.copy_(x.movedim(1, -1))
-            feats = feats.view(b, -1, x.shape[1])  # (B, Np, C')
+            feats = _PadChannelsLast.apply(x, p)  # (B, Np, C')
         else:
             feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C')
         coords = None
@@ -322,11 +319,11 @@ class ConvNNBase(nn.Module):
         over the others is wasted work (11 % of a padded 32×32 map, 28 % of an 8×8 one); the
         result is the same as searching all tokens.
         """
-        pads = _first_padding_positions(tokens.shape, self.padding, self.K - 1)
-        if pads is None:
-            return None
-        extra = device_indices(pads, tokens.query_positions.device)
-        return torch.cat([tokens.query_positions, extra])
+        device = tokens.query_positions.device
+        if torch.compiler.is_compiling():
+            return _search_candidates(tokens.shape, self.padding, self.K - 1, device)
+        # one shared constant per configuration: the search caches its bookkeeping on it
+        return _cached_search_candidates(tokens.shape, self.padding, self.K - 1, device)
 
     def _check_divisible(self, shape: tuple[int, ...]) -> None:
         s = self.shuffle_scale
@@ -356,6 +353,19 @@ def _query_positions(shape: tuple[int, ...], p: int, device: torch.device) -> Te
 _cached_query_positions = functools.lru_cache(maxsize=256)(_query_positions)
 
 
+def _search_candidates(
+    shape: tuple[int, ...], p: int, count: int, device: torch.device
+) -> Tensor | None:
+    """The real tokens, then the first ``count`` padding tokens (``None``: every token)."""
+    pads = _first_padding_positions(shape, p, count)
+    if pads is None:
+        return None
+    return torch.cat([_query_positions(shape, p, device), device_indices(pads, device)])
+
+
+_cached_search_candidates = functools.lru_cache(maxsize=256)(_search_candidates)
+
+
 def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tuple[int, ...] | None:
     """Raster indices of the first ``count`` padding tokens of a map of unpadded ``shape``
     padded by ``p``; ``None`` when the map has no more than ``count`` padding tokens. Plain
@@ -374,6 +384,39 @@ def _first_padding_positions(shape: tuple[int, ...], p: int, count: int) -> tupl
         if not inside:
             found.append(flat)
     return tuple(found)
+
+
+def _interior(t: Tensor, p: int, padded: tuple[int, ...]) -> Tensor:
+    """(B, C, *shape) view of the unpadded part of contiguous channels-last tokens (B, Np, C)
+    of a map padded by ``p`` to ``padded``: one ``as_strided`` instead of slices and a permute."""
+    b, _, c = t.shape
+    if torch.compiler.is_compiling():  # dynamo cannot trace storage_offset(): plain views
+        grid = t.view(b, *padded, c)
+        return (grid[:, p:-p] if len(padded) == 1 else grid[:, p:-p, p:-p]).movedim(-1, 1)
+    spatial = [c]  # strides of the padded spatial dims, last first
+    for n in reversed(padded[1:]):
+        spatial.insert(0, spatial[0] * n)
+    offset = p * sum(spatial)  # the token at (p, p, ...)
+    shape = (b, c, *(n - 2 * p for n in padded))
+    return t.as_strided(shape, (t.stride(0), 1, *spatial), t.storage_offset() + offset)
+
+
+class _PadChannelsLast(torch.autograd.Function):
+    """(B, C, *shape) -> zero-padded channels-last tokens (B, Np, C): one buffer and one copy
+    forward; backward is a view of the incoming gradient's interior (no autograd copy nodes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: int) -> Tensor:
+        b, c = x.shape[:2]
+        padded = tuple(n + 2 * p for n in x.shape[2:])
+        feats = torch.zeros(b, math.prod(padded), c, dtype=x.dtype, device=x.device)
+        _interior(feats, p, padded).copy_(x)
+        ctx.p, ctx.padded = p, padded
+        return feats
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _interior(grad.contiguous(), ctx.p, ctx.padded), None
 
 
 class _ConvNNHard(ConvNNBase):

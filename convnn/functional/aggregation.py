@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from convnn.functional.budget import (
-    _arange,
     _cast,
     _check_btd,
     _chunks,
+    _offsets,
     _op_budget,
     _use_custom_ops,
     resolve_memory_budget,
@@ -27,8 +27,7 @@ _AGG_BYTES_FACTOR = 3  # gathered block + its gradient + the gated copy in backw
 
 def _flat_index(idx: Tensor, nk: int) -> Tensor:
     """(B, Nq, K) per-sample indices -> flat indices into a (B·Nk, C) view."""
-    offs = _arange(idx.shape[0], device=idx.device, scale=nk).view(-1, 1, 1)
-    return (idx + offs).reshape(-1)
+    return torch.add(idx, _offsets(0, idx.shape[0], nk, idx.device, 3)).view(-1)
 
 
 def gather_neighbors(values: Tensor, idx: Tensor) -> Tensor:
@@ -53,8 +52,9 @@ def _agg_chunks(b: int, nq: int, k: int, c: int, o: int, element_size: int, budg
 
 def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
     """Flat row indices into the (B·Nk, C) view for samples b0:b1 and queries q0:q1."""
-    offs = _arange(b0, b1, device=idx.device, scale=nk).view(-1, 1, 1)
-    return (idx[b0:b1, q0:q1] + offs).reshape(-1)
+    if (b1 - b0, q1 - q0) != idx.shape[:2]:
+        idx = idx[b0:b1, q0:q1]
+    return torch.add(idx, _offsets(b0, b1, nk, idx.device, 3)).view(-1)
 
 
 def _aggregate_forward(
@@ -74,7 +74,7 @@ def _aggregate_forward(
         budget = resolve_memory_budget(values.device)
     w2 = _cast(weight, values.dtype).t()  # (K·C, O) view: BLAS reads it transposed, no copy
     b2 = None if bias is None else _cast(bias, values.dtype)
-    src = values.reshape(b * nk, c)
+    src = values.view(b * nk, c)
     # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
     out = values.new_empty(b, o, nq)
     for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
@@ -99,7 +99,7 @@ def _aggregate_grads(
     need_g: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (values, weight, gates) of :func:`_aggregate_forward`, re-gathering per block;
-    an empty tensor stands for a gradient that is not needed."""
+    ``None`` for a gradient that is not needed."""
     b, nk, c = values.shape
     _, nq, k = idx.shape
     o = weight.shape[0]
@@ -107,13 +107,14 @@ def _aggregate_grads(
         budget = resolve_memory_budget(values.device)
     grad_out = _cast(grad_out, values.dtype)
     w = _cast(weight, values.dtype)  # (O, K·C)
-    src = values.reshape(b * nk, c)
+    src = values.view(b * nk, c)
     grad_v = torch.zeros_like(src) if need_v else None
-    grad_w = values.new_zeros(o, k * c) if need_w else None
+    grad_w = None
     grad_g = values.new_empty(b, nq, k) if need_g else None
     for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
         flat = _block_index(idx, nk, b0, b1, q0, q1)
-        go = grad_out[b0:b1, q0:q1].reshape(-1, o)
+        go = grad_out if (b1 - b0, q1 - q0) == (b, nq) else grad_out[b0:b1, q0:q1]
+        go = go.reshape(-1, o)
         gate = None
         if gates is not None:
             gate = _cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), values.dtype)
@@ -121,21 +122,24 @@ def _aggregate_grads(
         if need_w or need_g:
             gathered = src.index_select(0, flat).view(-1, k, c)
         if need_w:
-            x = gathered if gate is None else gathered * gate
-            torch.addmm(grad_w, go.t(), x.view(-1, k * c), out=grad_w)  # counted as a matmul
+            x = (gathered if gate is None else gathered * gate).view(-1, k * c)
+            go_t = go.transpose(0, 1)
+            if grad_w is None:
+                grad_w = torch.mm(go_t, x)
+            else:
+                torch.addmm(grad_w, go_t, x, out=grad_w)  # counted as a matmul
         if need_v or need_g:
-            gx = (go @ w).view(-1, k, c)
+            gx = torch.mm(go, w).view(-1, k, c)
             if need_g:
                 grad_g[b0:b1, q0:q1] = (gx * gathered).sum(-1).view(b1 - b0, q1 - q0, k)
             if need_v:
                 if gate is not None:
                     gx = gx * gate
                 grad_v.index_add_(0, flat, gx.view(-1, c))
-    empty = values.new_empty(0)
     return (
-        grad_v.view(b, nk, c) if need_v else empty,
-        _cast(grad_w, weight.dtype) if need_w else empty.clone(),
-        _cast(grad_g, gates.dtype) if need_g else empty.clone(),
+        grad_v.view(b, nk, c) if need_v else None,
+        _cast(grad_w, weight.dtype) if need_w else None,
+        _cast(grad_g, gates.dtype) if need_g else None,
     )
 
 
@@ -171,9 +175,12 @@ def _aggregate_backward_op(
     need_w: bool,
     need_g: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_aggregate_grads` as a custom op (the compiled path)."""
+    """:func:`_aggregate_grads` as a custom op (the compiled path; an empty tensor stands for a
+    gradient that is not needed)."""
     register_flop_formulas()
-    return _aggregate_grads(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g)
+    grads = _aggregate_grads(grad_out, values, idx, weight, gates, budget, need_v, need_w, need_g)
+    empty = values.new_empty(0)
+    return tuple(empty.clone() if g is None else g for g in grads)
 
 
 @_aggregate_backward_op.register_fake
@@ -215,13 +222,16 @@ _aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_se
 
 
 class _Aggregate(torch.autograd.Function):
-    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+    """The eager path: the custom op's kernels and autograd formula without its dispatch.
+
+    ``forward`` takes ``ctx`` (no separate ``setup_context``): ``Function.apply`` then skips
+    the ``inspect.signature`` binding it does per call for the other style."""
 
     @staticmethod
-    def forward(values, idx, weight, bias, gates, budget):
-        return _aggregate_forward(values, idx, weight, bias, gates, budget)
-
-    setup_context = staticmethod(_aggregate_setup)
+    def forward(ctx, values, idx, weight, bias, gates, budget):
+        out = _aggregate_forward(values, idx, weight, bias, gates, budget)
+        _aggregate_setup(ctx, (values, idx, weight, bias, gates, budget), out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -267,6 +277,7 @@ def aggregate_neighbors(
         gates = None if gates is None else gates.to(low)
     # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
     # shared by the forward and backward matmuls; no transposed copy of the whole filter.
-    rows = weight.transpose(1, 2).reshape(weight.shape[0], k * weight.shape[1])
+    o, c = weight.shape[:2]
+    rows = weight.new_empty(o, k, c).copy_(weight.transpose(1, 2)).view(o, k * c)
     op = _aggregate_op if _use_custom_ops() else _Aggregate.apply
-    return op(values.contiguous(), idx.long(), rows, bias, gates, budget)
+    return op(values.contiguous(), _cast(idx, torch.long), rows, bias, gates, budget)

@@ -60,8 +60,18 @@ def _head_weight(weight: Tensor | None, heads: int, b0: int, b1: int, dtype: tor
     """Per-row filter of batch rows b0:b1 (row r belongs to head r mod ``heads``)."""
     if weight is None:
         return None, None
+    if heads == 1:  # one filter for every row: broadcast, no per-row copy
+        return None, _cast(weight, dtype).expand(b1 - b0, *weight.shape[1:])
     which = _arange(b0, b1, device=weight.device).remainder(heads)
     return which, _cast(weight.index_select(0, which), dtype)
+
+
+def _add_head_grad(grad_w: Tensor, which: Tensor | None, rows: Tensor) -> None:
+    """Accumulate per-row filter gradients ``rows`` into their heads' ``grad_w``."""
+    if which is None:
+        grad_w.add_(rows.sum(0, keepdim=True))
+    else:
+        grad_w.index_add_(0, which, rows)
 
 
 #: Added to the distance in the raw euclidean attention weights 1 / (‖q − k‖ + eps), as the
@@ -99,6 +109,27 @@ def attention_gates(scores: Tensor, magnitude_type: str, *, softmax: bool = True
     return _gate_weights(scores, euclidean, softmax)
 
 
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x / max(‖x‖, eps), ‖x‖) row-wise: the cosine search's normalisation, same arithmetic."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.clamp_min(_EPS), norm
+
+
+def _unit_grad(unit: Tensor, norm: Tensor, grad: Tensor) -> Tensor:
+    """Gradient w.r.t. x of y = x / max(‖x‖, eps) (:func:`_unit`) given dL/dy: (g − y⟨y, g⟩)
+    / ‖x‖ where ‖x‖ > eps, g / eps where the floor holds (y is then linear in x). Computed in
+    ``grad``'s memory (no full-size temporary)."""
+    along = torch.linalg.vecdot(unit, grad, dim=-1).unsqueeze_(-1).mul_(norm > _EPS)
+    return grad.addcmul_(unit, along, value=-1).div_(norm.clamp_min(_EPS))
+
+
+def _rowvec_times(x: Tensor, rows: Tensor) -> Tensor:
+    """⟨x[..., :], rows[..., j, :]⟩ for every j: (..., D) × (..., K, D) -> (..., K), as a batch
+    of row-vector × matrix products (BLAS runs a batch of matrix × column-vector products
+    several times slower on a CPU)."""
+    return (x.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
+
+
 def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     """Recomputed forward of one block: (scores' inputs, gates, gathered values, head rows)."""
     b0, b1, q0, q1 = blk
@@ -109,7 +140,7 @@ def _attend_block(q, k, v, idx, mask, weight, heads, metric, softmax, blk):
     qb = q[b0:b1, q0:q1]
     kg = k.reshape(-1, d).index_select(0, flat).view(nb, nq, kk, d)
     if metric == "dot":
-        s = (kg @ qb.unsqueeze(-1)).squeeze(-1)
+        s = _rowvec_times(qb, kg)
     else:
         s = (qb.unsqueeze(2) - kg).pow_(2).sum(-1).neg_()
     g = _gate_weights(s, metric == "dist", softmax)
@@ -132,7 +163,10 @@ def _attend_forward(
     mode: str,
     budget: int,
 ) -> Tensor:
-    """Blocked forward of :func:`attend_neighbors`."""
+    """Blocked forward of :func:`attend_neighbors` (``metric="cos"``: dot products of the
+    normalised q and k, normalised here rather than saved for backward)."""
+    if metric == "cos":
+        q, k, metric = _unit(q)[0], _unit(k)[0], "dot"
     bh, nq, kk = idx.shape
     dv = v.shape[-1]
     o = weight.shape[-1] if mode == "standard" else dv
@@ -171,8 +205,15 @@ def _attend_grads(
     mode: str,
     budget: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (q, k, v, weight) of :func:`_attend_forward`; gathers are recomputed per block.
-    An empty tensor stands for the weight gradient when there is no weight."""
+    """Gradients (q, k, v, weight) of :func:`_attend_forward`; gathers are recomputed per block
+    (and, for ``metric="cos"``, the normalisation of q and k). An empty tensor stands for the
+    weight gradient when there is no weight."""
+    if metric == "cos":
+        (q, q_norm), (k, k_norm) = _unit(q), _unit(k)
+        grad_q, grad_k, grad_v, grad_w = _attend_grads(
+            grad_out, q, k, v, idx, mask, weight, heads, "dot", softmax, mode, budget
+        )
+        return _unit_grad(q, q_norm, grad_q), _unit_grad(k, k_norm, grad_k), grad_v, grad_w
     bh, nq, kk = idx.shape
     d, dv = q.shape[-1], v.shape[-1]
     o = grad_out.shape[-1]
@@ -193,16 +234,16 @@ def _attend_grads(
         go = grad_out[b0:b1, q0:q1]
         gv = _cast(gm, v.dtype)
         if mode == "sum":
-            grad_gm = (vg @ go.unsqueeze(-1)).squeeze(-1)
+            grad_gm = _rowvec_times(go, vg)
             grad_vg = gv.unsqueeze(-1) * go.unsqueeze(2)
         elif mode == "depthwise":
             t = gv.unsqueeze(-1) * go.unsqueeze(2)  # (nb, nq, K, dv)
-            grad_w.index_add_(0, which, (t * vg).sum(1))
-            grad_gm = (vg.mul_(w.unsqueeze(1)) @ go.unsqueeze(-1)).squeeze(-1)
+            _add_head_grad(grad_w, which, (t * vg).sum(1))
+            grad_gm = _rowvec_times(go, vg.mul_(w.unsqueeze(1)))
             grad_vg = t.mul_(w.unsqueeze(1))
         else:
             x = (vg * gv.unsqueeze(-1)).view(nb, nqb, kk * dv)
-            grad_w.index_add_(0, which, torch.bmm(x.transpose(1, 2), go))
+            _add_head_grad(grad_w, which, torch.bmm(x.transpose(1, 2), go))
             gx = torch.bmm(go, w.transpose(1, 2)).view(nb, nqb, kk, dv)
             grad_gm = (gx * vg).sum(-1)
             grad_vg = gx.mul_(gv.unsqueeze(-1))
@@ -298,13 +339,15 @@ _attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 class _Attend(torch.autograd.Function):
-    """The eager path: the custom op's kernels and autograd formula without its dispatch."""
+    """The eager path: the custom op's kernels and autograd formula without its dispatch
+    (``forward`` takes ``ctx``: no per-call ``inspect.signature`` binding in ``apply``)."""
 
     @staticmethod
-    def forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
-        return _attend_forward(q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
-
-    setup_context = staticmethod(_attend_setup)
+    def forward(ctx, q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget):
+        args = (q, k, v, idx, mask, weight, heads, metric, softmax, mode, budget)
+        out = _attend_forward(*args)
+        _attend_setup(ctx, args, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -357,20 +400,19 @@ def attend_neighbors(
     with _no_autocast(queries.device):
         q = _cast(queries, _score_dtype(queries.dtype))
         k = _cast(keys, _score_dtype(keys.dtype))
-        if mt == "cosine":
-            q, k = F.normalize(q, dim=-1, eps=_EPS), F.normalize(k, dim=-1, eps=_EPS)
-        elif mt == "matmul":
+        if mt == "matmul":
             q = q / math.sqrt(q.shape[-1])
         if gate_mask is not None:
             gate_mask = _cast(gate_mask, q.dtype)
         budget = _op_budget(values.device, memory_budget)
-        metric = "dist" if mt == "euclidean" else "dot"
+        # cosine: the op normalises q and k itself (nothing normalised is saved for backward)
+        metric = {"euclidean": "dist", "cosine": "cos"}.get(mt, "dot")
         attend = _attend_op if _use_custom_ops() else _Attend.apply
         return attend(
             q.contiguous(),
             k.contiguous(),
             values.contiguous(),
-            idx.long(),
+            _cast(idx, torch.long),
             gate_mask,
             weight,
             heads,

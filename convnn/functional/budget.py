@@ -56,8 +56,9 @@ def canonical_magnitude(magnitude_type: str) -> str:
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores are at least float32 (bf16/fp16 change which neighbours win)."""
-    return torch.promote_types(dtype, torch.float32)
+    """Scores are at least float32 (bf16/fp16 change which neighbours win): float64 stays, every
+    other dtype scores in float32 (a Python check: ``torch.promote_types`` is a dispatched op)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prepare(x: Tensor, magnitude_type: str, *, is_query: bool) -> Tensor:
@@ -188,6 +189,39 @@ def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Ten
     return torch.arange(start, end, step, device=device)
 
 
+def _offsets(start: int, end: int, scale: int, device: torch.device, dims: int) -> Tensor:
+    """:func:`_arange` (``start``..``end`` times ``scale``) shaped (n, 1, ...) with ``dims``
+    dimensions, for broadcasting over the trailing ones (a cached view in eager mode)."""
+    shape = (end - start,) + (1,) * (dims - 1)
+    if torch.compiler.is_compiling():
+        return _arange(start, end, device=device, scale=scale).view(shape)
+    return _cached_offsets(start, end, scale, torch.device(device), shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_offsets(
+    start: int, end: int, scale: int, device: torch.device, shape: tuple[int, ...]
+) -> Tensor:
+    return _cached_arange(start * scale, end * scale, scale, device).view(shape)
+
+
+def _const(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim ``value`` of ``dtype`` on ``device``: an operand that ATen does not wrap and cast
+    per call as it does a Python scalar (each wrap is a ``to``/``copy`` chain of 4 ops).
+
+    Eager: one shared constant per (value, dtype, device); never modify it in place. While
+    compiling: a fresh tensor, a constant of the graph.
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=dtype, device=device)
+    return _cached_const(value, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_const(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without the (no-op) dispatch when it already has that dtype."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -195,7 +229,10 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device``; a no-op on ``meta`` (no autocast there: shape-only runs,
-    such as the check that a step creates no host tensor, go through the same code)."""
-    if device.type == "meta":
+    such as the check that a step creates no host tensor, go through the same code) and, in
+    eager mode, where autocast is off already (entering ``torch.autocast`` costs a few µs)."""
+    if device.type == "meta" or (
+        not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device.type)
+    ):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)

@@ -60,7 +60,7 @@ def _attend_parts(q, v, idx, weight, metric: str, mode: str) -> tuple[int, int]:
     """(score FLOPs, aggregation FLOPs) of one forward of the attention op."""
     bh, nq, kk = idx
     pairs = bh * nq * kk
-    scores = 2 * pairs * q[2] if metric == "dot" else 0
+    scores = 2 * pairs * q[2] if metric != "dist" else 0
     agg = 2 * pairs * v[2] * (weight[-1] if mode == "standard" else 1)
     return scores, agg
 
@@ -90,6 +90,8 @@ def _knn_search_flops(
     score_bias=None,
     out_shape=None,
 ) -> int:
+    if queries is None:  # the keys at query_positions
+        queries = (keys[0], query_positions[0], keys[2])
     return search_flops(queries, keys, K, candidates, include_self)
 
 

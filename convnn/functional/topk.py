@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convnn.functional.budget import _arange
+from convnn.functional.budget import _arange, _const, _offsets
 
 __all__: list[str] = []  # private helpers only; the search and the layers use them
 
@@ -60,14 +60,18 @@ _KEYED_MAX_WIDTH = 512
 def _keyed_topk(scores: Tensor, k: int) -> Tensor:
     """Exact top-k of a float32 row by (score desc, index asc) through unique int64 keys.
 
-    The float's bits, made order-preserving as an int32 (-0.0 first folded into +0.0, which it
-    equals), go to the high bits and 65535 - column to the low 16 bits: keys never tie, so one
-    ``topk`` gives the exact order with no repair. Cheapest on short rows.
+    The float's bits, made order-preserving (non-negative floats keep them, negative ones map to
+    minus their magnitude bits, so -0.0 and +0.0 both give 0), go to the high bits and
+    65535 - column to the low 16 bits: keys never tie, so one ``topk`` gives the exact order
+    with no repair. Cheapest on short rows; constant operands are cached tensors (10 ops).
     """
-    m = scores.shape[-1]
-    bits = (scores + 0.0).view(torch.int32)
-    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64).bitwise_left_shift_(16)
-    key.bitwise_or_(_arange(-65535, m - 65535, device=scores.device, scale=-1))  # 65535 - col
+    m, device = scores.shape[-1], scores.device
+    # the int32 bits sign-extended: a negative float has bits b = magnitude - 2**31
+    bits = torch.empty(scores.shape, dtype=torch.int64, device=device)
+    bits.copy_(scores.view(torch.int32))
+    neg = _const(-(2**31), torch.int64, device) - bits  # -(magnitude) where the sign bit is set
+    key = torch.where(torch.signbit(scores), neg, bits).mul_(65536)
+    key.add_(_arange(-65535, m - 65535, device=device, scale=-1))  # 65535 - col
     return key.topk(k, dim=-1, largest=True, sorted=True).indices
 
 
@@ -140,24 +144,25 @@ def _exact_topk(scores: Tensor, k: int, *, ordered: bool = True) -> Tensor:
         scores = F.pad(scores, (0, width - m % width), value=-math.inf)
     lead = scores.shape[:-1]
     rows, nb = math.prod(lead), scores.shape[-1] // width
-    blocks = scores.reshape(rows, nb, width)
-    best = _exact_topk(blocks.amax(-1), k, ordered=False)  # (rows, k), ascending block ids
-    flat = (best + _arange(rows, device=best.device, scale=nb).unsqueeze(1)).flatten()
-    cand = blocks.reshape(rows * nb, width).index_select(0, flat).view(rows, k * width)
-    pos = _exact_topk(cand, k, ordered=ordered)  # candidate columns ascend with key index
-    return (best.gather(-1, pos.div(width, rounding_mode="floor")) * width + pos % width).view(
-        *lead, k
+    blocks = (
+        scores.view(rows, nb, width) if scores.is_contiguous() else scores.reshape(rows, nb, width)
     )
+    best = _exact_topk(blocks.amax(-1), k, ordered=False)  # (rows, k), ascending block ids
+    flat = torch.add(best, _offsets(0, rows, nb, best.device, 2)).view(-1)
+    cand = blocks.view(rows * nb, width).index_select(0, flat).view(rows, k * width)
+    pos = _exact_topk(cand, k, ordered=ordered)  # candidate columns ascend with key index
+    return torch.add(
+        pos % width, best.gather(-1, pos.div(width, rounding_mode="floor")), alpha=width
+    ).view(*lead, k)
 
 
 def _ordered_topk(scores: Tensor, k: int, *, self_cols: Tensor | None = None) -> Tensor:
     """Indices of the k largest entries along the last dim, ordered by (score desc, index asc).
 
     Exact and sync-free (:func:`_exact_topk`). NaN ranks below every finite score; ``self_cols``
-    (one column per query row) rank below that (-inf). ``scores`` is overwritten (scratch).
+    (a (1, Nq, 1) column per query row) rank below that (-inf). ``scores`` is overwritten.
     """
     scores.nan_to_num_(nan=torch.finfo(scores.dtype).min, posinf=math.inf, neginf=-math.inf)
     if self_cols is not None:
-        cols = self_cols.view(1, -1, 1).expand(scores.shape[0], -1, 1)
-        scores.scatter_(2, cols, -math.inf)
+        scores.scatter_(2, self_cols.expand(scores.shape[0], -1, 1), -math.inf)
     return _exact_topk(scores, k)

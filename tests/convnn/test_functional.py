@@ -109,6 +109,39 @@ def test_query_positions_and_candidates() -> None:
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_queries_none_are_the_keys_at_the_query_positions(metric: str) -> None:
+    """Catches queries=None (taken from the prepared keys) drifting from passing them."""
+    torch.manual_seed(3)
+    keys = torch.randint(-2, 3, (2, 40, 4)).float()  # ties everywhere
+    qpos = torch.tensor([3, 7, 8, 12, 24, 39])
+    cand = torch.tensor([20, 1, 7, 12, 13, 2, 9, 30, 31])
+    for kwargs in ({}, {"candidates": cand}, {"include_self": False}):
+        given = knn_search(keys[:, qpos], keys, 5, metric, query_positions=qpos, **kwargs)
+        taken = knn_search(None, keys, 5, metric, query_positions=qpos, **kwargs)
+        assert torch.equal(taken, given), kwargs
+    with pytest.raises(ValueError, match="query_positions"):
+        knn_search(None, keys, 5, metric)
+
+
+def test_cached_search_plan_follows_in_place_changes_of_the_candidates() -> None:
+    """Catches the per-candidate-set bookkeeping cache serving a stale plan after the same
+    candidates tensor (or its query positions) is modified in place."""
+    torch.manual_seed(6)
+    keys = torch.randn(2, 30, 4)
+    qpos = torch.arange(0, 30, 2)
+    cand = torch.arange(0, 30, 3)
+    scores = pairwise_scores(keys[:, qpos], keys, "cosine")
+    for _ in range(2):
+        got = knn_search(None, keys, 4, "cosine", candidates=cand, query_positions=qpos)
+        assert torch.equal(got, _stable_knn(scores, 4, True, qpos, cand))
+        cand.add_(1)  # same tensor, new values
+    qpos.add_(1)
+    scores = pairwise_scores(keys[:, qpos], keys, "cosine")
+    got = knn_search(None, keys, 4, "cosine", candidates=cand, query_positions=qpos)
+    assert torch.equal(got, _stable_knn(scores, 4, True, qpos, cand))
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_blocked_search_identical_to_dense(metric: str) -> None:
     torch.manual_seed(4)
     x = torch.randn(4, 60, 6)
