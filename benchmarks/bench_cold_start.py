@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadnote import load_note  # noqa: E402
+
 LAYERS = ("conv2d", "convnn", "convnn_attn")
 TARGET_EXTRA_S, TARGET_EXTRA_MIB, TARGET_CALL_MS = 0.25, 40.0, 0.3
 
@@ -75,15 +79,6 @@ def _run(kind: str, calls: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _load_note(before: str, after: str) -> str:
-    """Whether the 1-minute load stayed below the core count (an idle machine) or not."""
-    cores = os.cpu_count() or 1
-    peak = max(float(before.split()[0]), float(after.split()[0]))
-    if peak < cores:
-        return f"1-minute load below the {cores} cores throughout: an idle machine"
-    return f"1-minute load reached {peak:.1f} on {cores} cores: shared with other jobs"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (also checked by the README tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- date: {started}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}; 1 thread per process",
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after} "
-        f"({_load_note(load_before, load_after)})",
+        f"({load_note(load_before, load_after)})",
         "- layer: (2, 4, 8, 8) input, 4 → 8 channels; ConvNN layers K = 9, padding 1; "
         "nn.Conv2d 3×3, padding 1",
         f"- extra = `import convnn` + construction + first forward/backward, over the same "

@@ -35,6 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loadnote import load_note  # noqa: E402
 from datamodules.cifar import CIFAR10DataModule  # noqa: E402
 from datamodules.imagenet import ImageNetDataModule, read_rgb  # noqa: E402
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- date: {started}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}; one process, one thread",
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after} "
-        f"(a machine shared with other jobs: rates are lower bounds of an idle core's)",
+        f"({load_note(load_before, load_after)})",
         f"- ImageNet inputs: {args.images} generated JPEGs of ImageNet-like sizes "
         f"({', '.join(f'{w}×{h}' for w, h in SIZES)}), mean {kib:.0f} KiB, quality 90; "
         "train transform RandomResizedCrop(224) + flip + normalise",
