@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -114,8 +114,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for lg in loggers:
                 lg.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))})
         maybe_analyse(cfg, trainer, model, datamodule, loggers, run_dir)
-        for lg in loggers:  # flushed and closed now, not by a writer thread after run() returns
-            lg.finalize("success")
+        for lg in loggers:  # TensorBoard's writer thread would flush after run() returned
+            if isinstance(lg, TensorBoardLogger):
+                lg.finalize("success")
         log.info(
             "test/acc1=%.4f test/acc5=%.4f (%s)",
             results["test/acc1"],
