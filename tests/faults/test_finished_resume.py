@@ -18,11 +18,14 @@ LOGGERS = ["csv", pytest.param("tensorboard", marks=pytest.mark.slow),
 
 
 def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """Every file but Hydra's and the log, with size and modification time."""
+    """Every file but Hydra's, the log and wandb's own debug logs (its service process, which
+    outlives ``wandb.finish()``, appends to them), with size and modification time."""
     return {
         str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in run_dir.rglob("*")
-        if p.is_file() and p.parts[len(run_dir.parts)] not in (".hydra", "main.log")
+        if p.is_file()
+        and p.parts[len(run_dir.parts)] not in (".hydra", "main.log")
+        and not (p.parts[len(run_dir.parts)] == "wandb" and p.name.startswith("debug"))
     }
 
 
