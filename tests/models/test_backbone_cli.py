@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.framework.helpers import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted(p.stem for p in (ROOT / "cfg" / "experiment").glob("*.yaml"))
@@ -33,15 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 def _main(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "main.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_main(args, timeout=timeout)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -7,13 +7,13 @@ bundled digits, with a resume that must not recompute the dictionary.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.framework.helpers import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["dataset=fake", "dataset.batch_size=4", "debug=fdr", "logger=none"]
@@ -25,15 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def _main(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "main.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_main(args, timeout=timeout)
 
 
 def test_vig_layer_in_cnns_and_vig_ti(tmp_path: Path) -> None:
