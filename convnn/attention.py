@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnn.functional import (
-    attend_neighbors,
+    attend_projected,
     attention_gates,
     gate_dropout_mask,
     knn_search,
+    project_heads,
     selected_scores,
 )
 from convnn.layers import ConvNNBase, TokenMap, forwards_keywords
@@ -39,14 +40,6 @@ __all__ = [
 ]
 
 CONVOLUTION_TYPES: tuple[str, ...] = ("standard", "depthwise", "depthwise-separable")
-
-
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, N, C) -> (B·h, N, C/h): each head becomes an independent batch entry."""
-    if heads == 1:  # already that shape: no view ops (nor their autograd nodes)
-        return t
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
 
 
 def _check_attention_args(
@@ -179,20 +172,21 @@ class _ConvNNAttentionBase(ConvNNBase):
             _conv1d_init(self.pointwise_weight, self.pointwise_bias)
 
     def mix(self, tokens: TokenMap) -> Tensor:
-        """Per head: top-K keys of each query, then scores, gates and filtered aggregation in
-        one fused op (:func:`convnn.functional.attend_neighbors`); merge heads, output
-        projection. Returns (B, Nq, O')."""
+        """Per head: top-K keys of each query, then projections, scores, gates and filtered
+        aggregation in one fused op (:func:`convnn.functional.attend_projected`, which keeps
+        only the tokens for backward); merge heads, output projection. Returns (B, Nq, O')."""
         h, mt = self.num_heads, self.magnitude_type
         search, values = tokens.search, tokens.values
+        shared = values is search and self._add_search_coords == self._add_value_coords
         if self._add_search_coords:
             search = torch.cat([search, tokens.coords], dim=-1)
         if self._add_value_coords:
             values = torch.cat([values, tokens.coords], dim=-1)
         qpos = tokens.query_positions
-        queries = search if search.shape[1] == qpos.numel() else search.index_select(1, qpos)
-        q = _split_heads(self.q_proj(queries), h)
-        k = _split_heads(self.k_proj(search), h)
-        v = _split_heads(self.v_proj(values), h)
+        qsel = None if search.shape[1] == qpos.numel() else qpos
+        with torch.no_grad():  # the search's q and k; the fused op recomputes them for backward
+            q = project_heads(search, self.q_proj.weight, h, qsel)
+            k = project_heads(search, self.k_proj.weight, h)
         sampled = tokens.candidates is not None
         idx = knn_search(
             q,
@@ -214,46 +208,40 @@ class _ConvNNAttentionBase(ConvNNBase):
         mask = gate_dropout_mask(
             idx.shape, self.attention_dropout, training=self.training, device=idx.device
         )
-        return self.out_proj(self._aggregate(q, k, v, idx, mask, tokens.memory_budget))
+        attend = {
+            "search": search,
+            "values": None if shared else values,
+            "q_weight": self.q_proj.weight,
+            "k_weight": self.k_proj.weight,
+            "v_weight": self.v_proj.weight,
+            "idx": idx,
+            "magnitude_type": mt,
+            "queries": q,
+            "keys": k,
+            "query_positions": qsel,
+            "softmax": self.softmax_topk_val,
+            "heads": h,
+            "gate_mask": mask,
+            "memory_budget": tokens.memory_budget,
+        }
+        return self.out_proj(self._aggregate(attend))
 
-    def _aggregate(
-        self, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor | None, budget: int | None
-    ) -> Tensor:
-        """Gated, filtered aggregation of every head; (B·h, ·, d) inputs -> (B, Nq, ·)."""
+    def _aggregate(self, attend: dict[str, Any]) -> Tensor:
+        """Gated, filtered aggregation of every head (``attend``: the arguments of
+        :func:`attend_projected` but the filter) -> (B, Nq, ·)."""
         h = self.num_heads
-        bh, nq, kk = idx.shape
-        b, d = bh // h, v.shape[-1]
-        common = {"softmax": self.softmax_topk_val, "heads": h, "gate_mask": mask}
+        bh, nq, kk = attend["idx"].shape
+        b, d = bh // h, self.v_proj.out_features // h
         if self.convolution_type == "standard":
             o = self.weight.shape[0]
             # (O, h·d, K) -> per head (h, K·d, O): row k·d + c of head j is W[:, j·d + c, k]
             w = self.weight.view(o, h, d, kk).permute(1, 3, 2, 0).reshape(h, kk * d, o)
-            out = attend_neighbors(
-                q,
-                k,
-                v,
-                idx,
-                self.magnitude_type,
-                weight=w,
-                mode="standard",
-                memory_budget=budget,
-                **common,
-            )
+            out = attend_projected(**attend, weight=w, mode="standard")
             out = out.unflatten(0, (b, h)).sum(1)
             return out if self.bias is None else out + self.bias.to(out.dtype)
         # depthwise: out[c] = Σ_k W[c, 0, k] · g_k · v[idx_k, c], per head on its own channels
         w = self.weight.view(h, d, kk).transpose(1, 2)  # (h, K, d)
-        out = attend_neighbors(
-            q,
-            k,
-            v,
-            idx,
-            self.magnitude_type,
-            weight=w,
-            mode="depthwise",
-            memory_budget=budget,
-            **common,
-        )
+        out = attend_projected(**attend, weight=w, mode="depthwise")
         if h > 1:
             out = out.unflatten(0, (b, h)).transpose(1, 2).reshape(b, nq, h * d)
         if self.convolution_type == "depthwise-separable":

@@ -46,8 +46,10 @@ from convnn.functional.attention import (
     ATTEND_MODES,
     DISTANCE_EPS,
     attend_neighbors,
+    attend_projected,
     attention_gates,
     gate_dropout_mask,
+    project_heads,
     selected_scores,
 )
 from convnn.functional.budget import (
@@ -80,6 +82,7 @@ __all__ = [
     "MEMORY_BUDGET_ENV",
     "aggregate_neighbors",
     "attend_neighbors",
+    "attend_projected",
     "attention_gates",
     "canonical_magnitude",
     "coordinate_grid_1d",
@@ -88,6 +91,7 @@ __all__ = [
     "gather_neighbors",
     "knn_search",
     "pairwise_scores",
+    "project_heads",
     "resolve_memory_budget",
     "selected_scores",
 ]

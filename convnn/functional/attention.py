@@ -29,8 +29,10 @@ __all__ = [
     "ATTEND_MODES",
     "DISTANCE_EPS",
     "attend_neighbors",
+    "attend_projected",
     "attention_gates",
     "gate_dropout_mask",
+    "project_heads",
     "selected_scores",
 ]
 
@@ -162,9 +164,11 @@ def _attend_forward(
     softmax: bool,
     mode: str,
     budget: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Blocked forward of :func:`attend_neighbors` (``metric="cos"``: dot products of the
-    normalised q and k, normalised here rather than saved for backward)."""
+    normalised q and k, normalised here rather than saved for backward), written into ``out``
+    if given."""
     if metric == "cos":
         q, k, metric = _unit(q)[0], _unit(k)[0], "dot"
     bh, nq, kk = idx.shape
@@ -172,7 +176,8 @@ def _attend_forward(
     o = weight.shape[-1] if mode == "standard" else dv
     if budget < 0:
         budget = resolve_memory_budget(v.device)
-    out = v.new_empty(bh, nq, o)
+    if out is None:
+        out = v.new_empty(bh, nq, o)
     per_query = (kk * (q.shape[-1] * q.element_size() + 2 * dv * v.element_size()) + o * 4) * 2
     for blk in _chunks(bh, nq, per_query, budget):
         b0, b1, q0, q1 = blk
@@ -354,6 +359,317 @@ class _Attend(torch.autograd.Function):
         return _attend_backward(ctx, grad_out, _attend_grads)
 
 
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, C) -> (B·h, N, C/h): each head becomes an independent batch entry."""
+    if heads == 1:  # already that shape: no view ops (nor their autograd nodes)
+        return t
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
+
+
+def _merge_heads(t: Tensor, heads: int) -> Tensor:
+    """(B·h, N, C/h) -> (B, N, C): the inverse of :func:`_split_heads`."""
+    if heads == 1:
+        return t
+    bh, n, d = t.shape
+    return t.view(bh // heads, heads, n, d).transpose(1, 2).reshape(bh // heads, n, heads * d)
+
+
+def project_heads(
+    tokens: Tensor, weight: Tensor, heads: int = 1, positions: Tensor | None = None
+) -> Tensor:
+    """Bias-free ``nn.Linear`` projection of tokens (B, N, Cin) by ``weight`` (C, Cin), only at
+    ``positions`` along N if given, split into heads: (B·h, N', C/h). Autocast applies as to
+    ``nn.Linear``; the q/k/v of :func:`attend_projected`."""
+    if positions is not None:
+        tokens = tokens.index_select(1, positions)
+    return _split_heads(F.linear(tokens, weight), heads)
+
+
+def _score_inputs(q: Tensor, k: Tensor, qscale: float) -> tuple[Tensor, Tensor]:
+    """Queries and keys as the attention op scores them: float32 at least, q / ``qscale``
+    (√d for ``matmul``, else 1), contiguous."""
+    q = _cast(q, _score_dtype(q.dtype))
+    if qscale != 1.0:
+        q = q / qscale
+    return q.contiguous(), _cast(k, _score_dtype(k.dtype)).contiguous()
+
+
+def _rows(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
+    """Rows r0:r1 of ``t`` (``None`` stays ``None``), without a slice op when that is all."""
+    if t is None or (r0 == 0 and r1 == t.shape[0]):
+        return t
+    return t[r0:r1]
+
+
+def _sample_block(x: Tensor, nq: int, c: int, budget: int) -> int:
+    """Samples per block of :func:`attend_projected`: its q, k, v (with their score copies,
+    normalised copies and gradients) within ``budget``."""
+    per_sample = 8 * (nq + 2 * x.shape[1]) * c * max(4, x.element_size())
+    return max(1, min(x.shape[0], budget // per_sample))
+
+
+def _attend_projected_forward(
+    x: Tensor,
+    xv: Tensor | None,
+    wv: Tensor,
+    q: Tensor,
+    k: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+    qscale: float,
+) -> Tensor:
+    """Forward of :func:`attend_projected`, one block of whole samples at a time: v is
+    projected here (after the search, never whole), q and k are the search's."""
+    if budget < 0:
+        budget = resolve_memory_budget(x.device)
+    dtype, xv = q.dtype, x if xv is None else xv
+    wv = _cast(wv, dtype)
+    b, bh, nq = x.shape[0], idx.shape[0], idx.shape[1]
+    o = weight.shape[-1] if mode == "standard" else wv.shape[0] // heads
+    out = q.new_empty(bh, nq, o)
+    nb = _sample_block(x, nq, wv.shape[0], budget)
+    for s0 in range(0, b, nb):
+        r0, r1 = s0 * heads, min(b, s0 + nb) * heads
+        xb = _cast(_rows(xv, s0, s0 + nb), dtype)
+        v = _split_heads(xb.view(-1, xb.shape[-1]).mm(wv.t()).view(*xb.shape[:2], -1), heads)
+        qb, kb = _score_inputs(_rows(q, r0, r1), _rows(k, r0, r1), qscale)
+        _attend_forward(
+            qb, kb, v, _rows(idx, r0, r1), _rows(mask, r0, r1), weight, heads, metric, softmax,
+            mode, budget, _rows(out, r0, r1),
+        )  # fmt: skip
+    return out
+
+
+def _accumulate_mm(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """acc + a @ b, in ``acc``'s memory and dtype (the first product is the accumulator;
+    ``addmm(out=)``, not ``addmm_``, so that the flop counter sees it)."""
+    if acc is None:
+        return a @ b
+    if a.dtype == acc.dtype:
+        return torch.addmm(acc, a, b, out=acc)
+    return acc.add_(a @ b)
+
+
+def _filled(full: Tensor | None, like: Tensor, s0: int, s1: int, block: Tensor) -> Tensor:
+    """``full`` (allocated like ``like`` on the first block) with rows s0:s1 set to ``block``."""
+    if full is None:
+        full = torch.empty_like(like)
+    full[s0:s1] = block
+    return full
+
+
+def _attend_projected_grads(
+    grad_out: Tensor,
+    x: Tensor,
+    xv: Tensor | None,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    qpos: Tensor | None,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+    qscale: float,
+    dtype: torch.dtype,
+    need_x: bool,
+    need_xv: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, xv, wq, wk, wv, weight) of :func:`_attend_projected_forward`, one block of
+    whole samples at a time: q, k, v are recomputed from the tokens (in ``dtype``, the
+    forward's projection dtype), so no full-size q/k/v or gradient of them is ever alive. An
+    empty tensor stands for a gradient that is not needed."""
+    (b, nk, cin), (nq, c) = x.shape, (idx.shape[1], wq.shape[0])
+    if budget < 0:
+        budget = resolve_memory_budget(x.device)
+    nb = _sample_block(x, nq, c, budget)
+    wq_, wk_, wv_ = (_cast(w, dtype) for w in (wq, wk, wv))
+    grad_x = grad_xv = None
+    gwq = gwk = gwv = grad_w = None
+    for s0 in range(0, b, nb):
+        s1, r0, r1 = min(b, s0 + nb), s0 * heads, min(b, s0 + nb) * heads
+        xb = _cast(_rows(x, s0, s1), dtype)
+        x2 = xb.view(-1, cin)  # 2-D products: no matmul/reshape wrappers (ops per step)
+        xq = x2 if qpos is None else xb.index_select(1, qpos).view(-1, cin)
+        xv2 = x2 if xv is None else _cast(_rows(xv, s0, s1), dtype).view(-1, xv.shape[-1])
+        q, k = _score_inputs(
+            _split_heads(xq.mm(wq_.t()).view(s1 - s0, nq, c), heads),
+            _split_heads(x2.mm(wk_.t()).view(s1 - s0, nk, c), heads),
+            qscale,
+        )
+        v = _split_heads(xv2.mm(wv_.t()).view(s1 - s0, nk, c), heads)
+        gq, gk, gv, gw = _attend_grads(
+            _rows(grad_out, r0, r1),
+            q,
+            k,
+            v,
+            _rows(idx, r0, r1),
+            _rows(mask, r0, r1),
+            weight,
+            heads,
+            metric,
+            softmax,
+            mode,
+            budget,
+        )
+        del q, k, v
+        if weight is not None:
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+        if qscale != 1.0:
+            gq = gq / qscale
+        gq, gk, gv = (_merge_heads(_cast(g, dtype), heads).view(-1, c) for g in (gq, gk, gv))
+        if need_w:
+            gwq = _accumulate_mm(gwq, gq.t(), xq)
+            gwk = _accumulate_mm(gwk, gk.t(), x2)
+            gwv = _accumulate_mm(gwv, gv.t(), xv2)
+        if need_x:
+            gx = gk.mm(wk_)
+            if xv is None:
+                _accumulate_mm(gx, gv, wv_)
+            if qpos is None:
+                _accumulate_mm(gx, gq, wq_)
+            else:
+                gx.view(s1 - s0, nk, cin).index_add_(1, qpos, gq.mm(wq_).view(s1 - s0, nq, cin))
+            gx = gx.view(s1 - s0, nk, cin)
+            grad_x = _cast(gx, x.dtype) if nb >= b else _filled(grad_x, x, s0, s1, gx)
+        if need_xv and xv is not None:
+            gxv = gv.mm(wv_).view(s1 - s0, nk, xv.shape[-1])
+            grad_xv = _cast(gxv, xv.dtype) if nb >= b else _filled(grad_xv, xv, s0, s1, gxv)
+    empty = x.new_empty(0)
+    return (
+        empty if grad_x is None else grad_x,
+        empty if grad_xv is None else grad_xv,
+        *(empty if g is None else _cast(g, w.dtype) for g, w in ((gwq, wq), (gwk, wk), (gwv, wv))),
+        empty if grad_w is None else grad_w,
+    )
+
+
+@torch.library.custom_op("convnn::attend_projected", mutates_args=())
+def _attend_projected_op(
+    x: Tensor,
+    xv: Tensor | None,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    qpos: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+    qscale: float,
+) -> Tensor:
+    """:func:`_attend_projected_forward` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _attend_projected_forward(
+        x, xv, wv, q, k, idx, mask, weight, heads, metric, softmax, mode, budget, qscale
+    )
+
+
+@_attend_projected_op.register_fake
+def _(x, xv, wq, wk, wv, qpos, q, k, idx, mask, weight, heads, metric, softmax, mode, budget, qs):
+    register_flop_formulas()
+    o = weight.shape[-1] if mode == "standard" else wv.shape[0] // heads
+    return q.new_empty(idx.shape[0], idx.shape[1], o)
+
+
+@torch.library.custom_op("convnn::attend_projected_backward", mutates_args=())
+def _attend_projected_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    xv: Tensor | None,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    qpos: Tensor | None,
+    idx: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    heads: int,
+    metric: str,
+    softmax: bool,
+    mode: str,
+    budget: int,
+    qscale: float,
+    dtype: torch.dtype,
+    need_x: bool,
+    need_xv: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_attend_projected_grads` as a custom op (the compiled path)."""
+    register_flop_formulas()
+    return _attend_projected_grads(
+        grad_out, x, xv, wq, wk, wv, qpos, idx, mask, weight, heads, metric, softmax, mode,
+        budget, qscale, dtype, need_x, need_xv, need_w,
+    )  # fmt: skip
+
+
+@_attend_projected_backward_op.register_fake
+def _(grad_out, x, xv, wq, wk, wv, qpos, idx, mask, weight, *args):
+    register_flop_formulas()
+    need_x, need_xv, need_w = args[-3:]
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_x else empty,
+        xv.new_empty(xv.shape) if need_xv and xv is not None else empty,
+        *(w.new_empty(w.shape) if need_w else empty for w in (wq, wk, wv)),
+        empty if weight is None else weight.new_empty(weight.shape),
+    )
+
+
+def _attend_projected_setup(ctx, inputs, output) -> None:
+    x, xv, wq, wk, wv, qpos, q, _, idx, mask, weight, *args = inputs
+    ctx.save_for_backward(x, xv, wq, wk, wv, qpos, idx, mask, weight)
+    ctx.args = (*args, q.dtype)
+
+
+def _attend_projected_backward(ctx, grad_out, kernel=_attend_projected_backward_op):
+    need = ctx.needs_input_grad
+    need_w = need[2] or need[3] or need[4]
+    grads = kernel(grad_out, *ctx.saved_tensors, *ctx.args, need[0], need[1], need_w)
+    gx, gxv, gwq, gwk, gwv, gw = (
+        g if need[i] else None for i, g in zip((0, 1, 2, 3, 4, 10), grads, strict=True)
+    )
+    return gx, gxv, gwq, gwk, gwv, None, None, None, None, None, gw, *(None,) * 6
+
+
+_attend_projected_op.register_autograd(
+    _attend_projected_backward, setup_context=_attend_projected_setup
+)
+
+
+class _AttendProjected(torch.autograd.Function):
+    """The eager path of ``convnn::attend_projected`` (see :class:`_Attend`)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        x, xv, _, _, wv, _, q, k, idx, mask, weight, *rest = args
+        out = _attend_projected_forward(x, xv, wv, q, k, idx, mask, weight, *rest)
+        _attend_projected_setup(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _attend_projected_backward(ctx, grad_out, _attend_projected_grads)
+
+
 def gate_dropout_mask(
     shape: torch.Size | tuple[int, ...], p: float, *, training: bool, device: torch.device
 ) -> Tensor | None:
@@ -420,4 +736,69 @@ def attend_neighbors(
             softmax,
             mode,
             budget,
+        )
+
+
+def attend_projected(
+    search: Tensor,
+    values: Tensor | None,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    idx: Tensor,
+    magnitude_type: str,
+    *,
+    queries: Tensor,
+    keys: Tensor,
+    query_positions: Tensor | None = None,
+    softmax: bool = True,
+    weight: Tensor | None = None,
+    mode: str = "sum",
+    heads: int = 1,
+    gate_mask: Tensor | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """:func:`attend_neighbors` of the projections q = :func:`project_heads` (``search``,
+    ``q_weight``, ``heads``, ``query_positions``), k (``search``, ``k_weight``) and v
+    (``values``, or ``search`` when ``None``, ``v_weight``), with the projections inside the op.
+
+    ``queries`` and ``keys`` are q and k as computed for the search (without gradient): the
+    forward reuses them and keeps none of them, and backward recomputes q, k and v per block of
+    whole samples. Autograd then holds only the tokens, the indices and the weights — never a
+    full-size q, k, v or their gradients (ConvNN-Attention's memory). Gradients reach the
+    tokens, the three projection weights and ``weight``.
+    """
+    mt = canonical_magnitude(magnitude_type)
+    for name, t in (("search", search), ("values", values), ("queries", queries), ("keys", keys)):
+        if t is not None:
+            _check_btd(name, t)
+    if mode not in ATTEND_MODES:
+        raise ValueError(f"mode={mode!r} is not supported; choose one of {ATTEND_MODES}")
+    if (weight is None) != (mode == "sum"):
+        raise ValueError(f"mode={mode!r} {'takes no' if mode == 'sum' else 'needs a'} weight")
+    with _no_autocast(search.device):
+        if gate_mask is not None:
+            gate_mask = _cast(gate_mask, _score_dtype(queries.dtype))
+        budget = _op_budget(search.device, memory_budget)
+        metric = {"euclidean": "dist", "cosine": "cos"}.get(mt, "dot")
+        qscale = math.sqrt(queries.shape[-1]) if mt == "matmul" else 1.0
+        attend = _attend_projected_op if _use_custom_ops() else _AttendProjected.apply
+        return attend(
+            search.contiguous(),
+            None if values is None else values.contiguous(),
+            q_weight,
+            k_weight,
+            v_weight,
+            query_positions,
+            queries,
+            keys,
+            _cast(idx, torch.long),
+            gate_mask,
+            weight,
+            heads,
+            metric,
+            softmax,
+            mode,
+            budget,
+            qscale,
         )

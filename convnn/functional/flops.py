@@ -14,7 +14,11 @@ on the eager path (plain functions, whose matmuls it sees one by one) and on the
 * attention: per (row, query, neighbour) 2·D for a dot-product score (0 for the euclidean one),
   2·Cv for a ``sum``/``depthwise`` gated aggregation, 2·Cv·O for ``standard``; backward
   recomputes the scores, adds their gradient (2·D each) and the aggregation's (once for
-  ``sum``/``depthwise``, twice for ``standard``).
+  ``sum``/``depthwise``, twice for ``standard``);
+* attention with its projections inside (``attend_projected``): the above plus v's projection
+  forward (q and k come from the search's projections, counted where they are computed);
+  backward recomputes q, k and v and adds the weight gradients (one product each again) and
+  the token gradients (one product per projection whose tokens need one).
 
 The formulas are registered on first use of a custom op (while compiling): importing
 ``torch.utils.flop_counter`` loads triton, too slow for ``import convnn`` and unneeded eagerly.
@@ -77,6 +81,36 @@ def _attend_backward_flops(
     return 2 * scores + agg * (2 if mode == "standard" else 1)
 
 
+def _projection_flops(x, xv, wq, wk, wv, idx, heads) -> tuple[int, int, int]:
+    """FLOPs of projecting the q, k and v of :func:`attend_projected` once."""
+    b, nk = x[0], x[1]
+    nq = idx[1]
+    v_in = wv[1]
+    return 2 * b * nq * wq[1] * wq[0], 2 * b * nk * wk[1] * wk[0], 2 * b * nk * v_in * wv[0]
+
+
+def _attend_projected_flops(
+    x, xv, wq, wk, wv, qpos, q, k, idx, mask, weight, heads, metric, softmax, mode, budget,
+    qscale, out_shape=None,
+) -> int:  # fmt: skip
+    scores, agg = _attend_parts(q, (0, 0, wv[0] // heads), idx, weight, metric, mode)
+    return _projection_flops(x, xv, wq, wk, wv, idx, heads)[2] + scores + agg
+
+
+def _attend_projected_backward_flops(
+    grad_out, x, xv, wq, wk, wv, qpos, idx, mask, weight, heads, metric, softmax, mode, budget,
+    qscale, dtype, need_x, need_xv, need_w, out_shape=None,
+) -> int:  # fmt: skip
+    q = (idx[0], idx[1], wq[0] // heads)
+    scores, agg = _attend_parts(q, (0, 0, wv[0] // heads), idx, weight, metric, mode)
+    pq, pk, pv = _projection_flops(x, xv, wq, wk, wv, idx, heads)
+    recompute = pq + pk + pv
+    grad_tokens = (pq + pk + (pv if xv is None else 0)) * int(need_x)
+    grad_tokens += pv * int(need_xv and xv is not None)
+    attend = 2 * scores + agg * (2 if mode == "standard" else 1)
+    return attend + recompute * (1 + int(need_w)) + grad_tokens
+
+
 def _knn_search_flops(
     queries,
     keys,
@@ -111,5 +145,7 @@ def register_flop_formulas() -> None:
         (ops.aggregate_backward, _aggregate_backward_flops),
         (ops.attend, _attend_flops),
         (ops.attend_backward, _attend_backward_flops),
+        (ops.attend_projected, _attend_projected_flops),
+        (ops.attend_projected_backward, _attend_projected_backward_flops),
     ):
         register_flop_formula(op)(formula)

@@ -70,8 +70,8 @@ def test_conv2dnn_attention_fwd_bwd_equals_the_hand_count(path: str) -> None:
     out_proj = 2 * tok * OUT * OUT
     forward = 3 * proj + search + scores + agg + out_proj
     # backward: out_proj (input + weight), attention (scores recomputed + their gradient,
-    # filter + value gradients), q/k/v (input + weight each)
-    backward = 2 * out_proj + 2 * scores + 2 * agg + 2 * 3 * proj
+    # filter + value gradients), q/k/v (recomputed from the tokens, input + weight each)
+    backward = 2 * out_proj + 2 * scores + 2 * agg + 3 * 3 * proj
     assert _flops(layer, x, backward=False) == forward
     assert _flops(layer, x, backward=True) == forward + backward
 

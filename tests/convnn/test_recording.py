@@ -7,8 +7,8 @@ from torch import nn
 
 import convnn
 from convnn import Branching, Conv1dNNMixer, Conv2dNN, ConvNNAttention, record_neighbors
-from convnn.attention import _split_heads
 from convnn.functional import knn_search
+from convnn.functional.attention import _split_heads
 
 
 def test_conv2dnn_indices_equal_direct_knn_search() -> None:
