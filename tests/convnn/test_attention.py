@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import convnn.functional.budget as budget
 from convnn.attention import (
     Conv1d_NN_Attn,
     Conv1dNNAttention,
@@ -298,6 +299,76 @@ def test_gradcheck_input_for_other_metrics(magnitude_type: str, softmax: bool) -
     _randomise(layer, seed=15)
     x = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+# The projections run inside the fused op, whose forward and backward work through blocks of
+# whole samples sized by the work budget: padding (queries at some positions only),
+# coordinates (values apart from the search features), heads and every filter type.
+BLOCKED = [
+    {"padding": 1, "convolution_type": "standard", "magnitude_type": "cosine"},
+    {"coordinate_encoding": True, "num_heads": 2, "magnitude_type": "euclidean"},
+    {"similarity_type": "Loc_Col", "aggregation_type": "Loc_Col", "magnitude_type": "matmul"},
+    {"convolution_type": "depthwise-separable", "num_heads": 2, "padding": 1},
+]
+
+
+@pytest.mark.parametrize("kwargs", BLOCKED)
+def test_gradcheck_through_one_sample_blocks(
+    kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a wrong token or projection gradient of the recomputed q/k/v, or one block's
+    gradient written to another block's samples (budget 1: every block is one sample)."""
+    monkeypatch.setattr(budget, "MEMORY_BUDGET", 1)
+    torch.manual_seed(16)
+    layer = Conv2dNNAttention(2, 4, K=3, **kwargs).double()
+    _randomise(layer, seed=16)
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
+
+    def fn(inp: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", BLOCKED)
+def test_sample_blocks_give_the_one_block_result(
+    kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches blocks that drop, repeat or misplace samples (forward, input and weight
+    gradients), against one block for the whole batch."""
+    torch.manual_seed(17)
+    layer = Conv2dNNAttention(4, 6, K=4, attention_dropout=0.0, **kwargs)
+    _randomise(layer, seed=17)
+    x = torch.randn(5, 4, 5, 4)
+    grad = torch.randn(5, 6, 5, 4)
+
+    def step(limit: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(budget, "MEMORY_BUDGET", limit)
+        inp = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(inp)
+        out.backward(grad)
+        return [out.detach(), inp.grad, *(p.grad for p in layer.parameters())]
+
+    whole, blocked = step(2**30), step(1)
+    for a, b in zip(whole, blocked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_backward_gives_float32_gradients() -> None:
+    """Catches the recomputed projections' gradients leaving the op in bf16 (the parameters'
+    and the input's gradients must have their dtype) or going non-finite."""
+    torch.manual_seed(18)
+    layer = Conv2dNNAttention(4, 4, K=3, padding=1, num_heads=2)
+    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    for name, p in [("input", x), *layer.named_parameters()]:
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
 
 
 def test_gradients_reach_all_parameters_and_dropout_applies() -> None:
