@@ -140,6 +140,7 @@ class Result:
     baseline_bytes: float = math.nan
     memory_method: str = ""
     memory_reliable: bool = True
+    tensor_peak_bytes: float = math.nan  # CPU: peak bytes of live tensors (profiler events)
     needed_bytes: float = math.nan
     wall_s: float = math.nan
     loadavg_1min: float = math.nan  # right after the case: > threads means a shared, noisy CPU
@@ -255,6 +256,31 @@ def _reset_peak_rss() -> bool:
     return not math.isnan(_proc_status_bytes("VmHWM"))
 
 
+def _tensor_peak_bytes(step: Any) -> float:
+    """Peak bytes of CPU tensors allocated during ``step()`` above those alive before it, from
+    the profiler's allocation events: what ``torch.cuda.max_memory_allocated`` measures on a
+    GPU, without the C library's heap reuse that makes peak RSS vary between runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    except (AttributeError, RuntimeError):
+        return math.nan
+    allocs = []
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag.name == "Allocation":
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(allocs):
+        live += size
+        peak = max(peak, live)
+    return float(peak)
+
+
 # ------------------------------------------------------------------------------ the worker
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this (fresh) process; returns the raw numbers."""
@@ -348,7 +374,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         fwd.append(f_ms)
         bwd.append(b_ms)
 
+    tensor_peak = math.nan if is_cuda else _tensor_peak_bytes(lambda: step(x, gout))
     result = {
+        "tensor_peak_bytes": tensor_peak,
         "repeats": repeats,
         "fwd_ms": fwd,
         "bwd_ms": bwd,
@@ -741,6 +769,23 @@ def _verdicts(results: list[Result]) -> list[str]:
     else:
         lines.append("- Reference shape R: not measured in this run (needs --sizes 32, batch 32, "
                      "K 9, C 64 with the convnn and straightforward layers).")
+    att_r = _find(results, "attention", **ref)
+    if nn_r and att_r:
+        time_r = _div(att_r.median(), nn_r.median())
+        mem_r = _div(att_r.peak_growth_bytes, nn_r.peak_growth_bytes)
+        tens_r = _div(att_r.tensor_peak_bytes, nn_r.tensor_peak_bytes)
+        lines.append(
+            f"- Conv2dNNAttention all vs Conv2dNN all at R: **{time_r:.2f}× the time** (target "
+            f"≤ 1.3×: {'met' if time_r <= 1.3 else 'NOT met'}), **{mem_r:.2f}× the peak "
+            f"memory** (target ≤ 1.5×: {'met' if mem_r <= 1.5 else 'NOT met'})"
+            + (
+                ""
+                if math.isnan(tens_r)
+                else f"; peak of live tensors {att_r.tensor_peak_bytes / MIB:.1f} vs "
+                f"{nn_r.tensor_peak_bytes / MIB:.1f} MiB = **{tens_r:.2f}×**"
+            )
+            + "."
+        )
     big = _find(results, "convnn", batch=8, height=128, width=128)
     if big:
         ok = big.peak_growth_bytes <= 4 * GIB
@@ -756,11 +801,11 @@ def _verdicts(results: list[Result]) -> list[str]:
 
 
 def _table_row(r: Result, sf: Result | None, conv: Result | None) -> str:
-    """One markdown table row (12 columns)."""
+    """One markdown table row (13 columns)."""
     c = r.case
     if r.status != "ok":
         need = "" if math.isnan(r.needed_bytes) else f"; needs ≈{r.needed_bytes / GIB:.1f} GiB"
-        return f"| {c.name} | {c.shape} | – | {r.status}: {r.reason}{need} |" + " |" * 8
+        return f"| {c.name} | {c.shape} | – | {r.status}: {r.reason}{need} |" + " |" * 9
     q1, q3 = _quartiles(r.times_ms)
     mem = r.peak_growth_bytes
     t = r.median()
@@ -774,6 +819,7 @@ def _table_row(r: Result, sf: Result | None, conv: Result | None) -> str:
         f"{_fmt_ms(min(r.times_ms))}–{_fmt_ms(max(r.times_ms))}",
         f"{_fmt_ms(r.median('fwd_ms'))} / {_fmt_ms(r.median('bwd_ms'))}",
         f"{mem / MIB:.0f}" + ("" if r.memory_reliable else " (≥)"),
+        "–" if math.isnan(r.tensor_peak_bytes) else f"{r.tensor_peak_bytes / MIB:.1f}",
         _fmt_ratio(_div(sf.median(), t) if sf else nan),
         _fmt_ratio(_div(sf.peak_growth_bytes, mem) if sf else nan),
         _fmt_ratio(_div(t, conv.median()) if conv else nan),
@@ -834,13 +880,13 @@ def write_reports(report: dict[str, Any], args: argparse.Namespace) -> tuple[Pat
         groups.setdefault((r.case.height, r.case.batch), []).append(r)
     md += ["## Results", ""]
     header = ("| case | shape | n | time median [ms] | IQR [ms] | min–max [ms] | fwd / bwd [ms] | "
-              "peak mem [MiB] | speed-up vs straightforward | mem. reduction vs straightforward | "
-              "time / Conv2d | mem / Conv2d |")
+              "peak mem [MiB] | peak tensors [MiB] | speed-up vs straightforward | "
+              "mem. reduction vs straightforward | time / Conv2d | mem / Conv2d |")
     for (size, batch), rows in sorted(groups.items()):
         sf = next((r for r in rows if r.case.kind == "straightforward" and r.status == "ok"), None)
         conv = next((r for r in results if r.case.kind == "conv2d" and r.status == "ok"
                      and r.case.shape_key == rows[0].case.shape_key), None)
-        md += [f"### {size}×{size}, batch {batch}", "", header, "|" + "---|" * 12]
+        md += [f"### {size}×{size}, batch {batch}", "", header, "|" + "---|" * 13]
         md += [_table_row(r, sf, conv) for r in rows]
         md.append("")
     md_path, json_path = out / "layers.md", out / "layers.json"
@@ -867,7 +913,11 @@ def _memory_note(results: list[Result]) -> str:
     return ("peak RSS growth during the first full-size step of the process: RSS baseline after "
             "imports, module and input creation and a tiny warm-up call; peak = VmHWM after "
             f"resetting it at the baseline (method: {', '.join(methods) or 'n/a'}). "
-            "'(≥)' marks a lower bound (peak could not be reset).")
+            "'(≥)' marks a lower bound (peak could not be reset). *Peak tensors*: the "
+            "peak bytes of live tensors during one more step (after the timed ones), from "
+            "the profiler's allocation events, above what was alive before it (the input "
+            "and the incoming gradient excluded): what `torch.cuda.max_memory_allocated` "
+            "reports on a GPU, and stable between runs where RSS is not (heap reuse).")
 
 
 # --------------------------------------------------------------------------------- the CLI
