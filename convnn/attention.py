@@ -131,6 +131,8 @@ class _ConvNNAttentionBase(ConvNNBase):
         # coordinate_encoding: q/k/v also see the coordinate channels (the base then builds them).
         self._add_search_coords = coordinate_encoding and self.similarity_type == "Col"
         self._add_value_coords = coordinate_encoding and self.aggregation_type == "Col"
+        # zero padding tokens have identical (zero) keys only when the search sees features alone
+        self._zero_padding_keys = self.similarity_type == "Col" and not self._add_search_coords
         self.use_coords = self.use_coords or coordinate_encoding
         search_channels = {"Col": c, "Loc": d, "Loc_Col": c + d}[self.similarity_type]
         search_channels += d if self._add_search_coords else 0
@@ -187,13 +189,16 @@ class _ConvNNAttentionBase(ConvNNBase):
         with torch.no_grad():  # the search's q and k; the fused op recomputes them for backward
             q = project_heads(search, self.q_proj.weight, h, qsel)
             k = project_heads(search, self.k_proj.weight, h)
-        sampled = tokens.candidates is not None
+        sampled, candidates = tokens.candidates is not None, tokens.candidates
+        if not sampled and self.padding and self._zero_padding_keys:
+            # the padding tokens' keys are all k_proj(0) = 0: at most the K first can be picked
+            candidates = self._without_surplus_padding(tokens, self.K)
         idx = knn_search(
             q,
             k,
             self.K,
             mt,
-            candidates=tokens.candidates,
+            candidates=candidates,
             query_positions=qpos,
             include_self=sampled,
             memory_budget=tokens.memory_budget,

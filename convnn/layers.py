@@ -311,19 +311,22 @@ class ConvNNBase(nn.Module):
         return ", ".join(parts)
 
     # ---------------------------------------------------------------------------- helpers
-    def _without_surplus_padding(self, tokens: TokenMap) -> Tensor | None:
-        """Every real token and only the K - 1 lowest-index padding tokens, or ``None``.
+    def _without_surplus_padding(self, tokens: TokenMap, count: int | None = None) -> Tensor | None:
+        """Every real token and only the ``count`` (default K - 1) lowest-index padding tokens,
+        or ``None``.
 
         Zero padding tokens are identical search features, so they all get the same score and
-        ties go to the lower index: a query can only ever pick the K - 1 first of them. Searching
-        over the others is wasted work (11 % of a padded 32×32 map, 28 % of an 8×8 one); the
-        result is the same as searching all tokens.
+        ties go to the lower index: a query searching for ``count`` neighbours besides itself
+        can only ever pick the ``count`` first of them. Searching over the others is wasted work
+        (11 % of a padded 32×32 map, 28 % of an 8×8 one); the result is the same as searching
+        all tokens.
         """
         device = tokens.query_positions.device
+        count = self.K - 1 if count is None else count
         if torch.compiler.is_compiling():
-            return _search_candidates(tokens.shape, self.padding, self.K - 1, device)
+            return _search_candidates(tokens.shape, self.padding, count, device)
         # one shared constant per configuration: the search caches its bookkeeping on it
-        return _cached_search_candidates(tokens.shape, self.padding, self.K - 1, device)
+        return _cached_search_candidates(tokens.shape, self.padding, count, device)
 
     def _check_divisible(self, shape: tuple[int, ...]) -> None:
         s = self.shuffle_scale

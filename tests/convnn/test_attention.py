@@ -357,6 +357,41 @@ def test_sample_blocks_give_the_one_block_result(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "matmul"])
+@pytest.mark.parametrize(("size", "padding", "K"), [(8, 1, 9), (5, 1, 12), (6, 2, 20), (2, 1, 9)])
+def test_surplus_padding_is_never_searched_and_changes_nothing(
+    metric: str, size: int, padding: int, K: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`all` mode searches the real tokens and only the K first padding tokens (their keys
+    are all k_proj(0) = 0). Integer features with many all-zero tokens tie with the padding and
+    a NaN pixel ties everywhere: output and gradients must equal a search over every token."""
+    torch.manual_seed(24)
+    shape = (2, 3, size, size)
+    x = torch.randint(-1, 2, shape).float() * (torch.rand(shape) < 0.6)
+    x.view(-1)[5] = float("nan")
+    layer = Conv2dNNAttention(3, 4, K=K, padding=padding, magnitude_type=metric)
+    tokens = layer.prepare_tokens(x)
+    n_pad = tokens.search.shape[1] - tokens.query_positions.numel()
+    pruned = layer._without_surplus_padding(tokens, K)
+    if n_pad > K:
+        assert pruned.numel() == tokens.query_positions.numel() + K
+    else:
+        assert pruned is None
+
+    def step() -> list[torch.Tensor]:
+        inp = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(inp)
+        out.nan_to_num(0.0).sum().backward()
+        return [out, inp.grad, *(p.grad for p in layer.parameters())]
+
+    got = step()
+    monkeypatch.setattr(layer, "_without_surplus_padding", lambda tokens, count: None)
+    full = step()
+    for a, b in zip(got, full, strict=True):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
 def test_autocast_bf16_backward_gives_float32_gradients() -> None:
     """Catches the recomputed projections' gradients leaving the op in bf16 (the parameters'
     and the input's gradients must have their dtype) or going non-finite."""
