@@ -414,7 +414,10 @@ def _sample_block(x: Tensor, nq: int, c: int, budget: int) -> int:
 def _attend_projected_forward(
     x: Tensor,
     xv: Tensor | None,
+    wq: Tensor,
+    wk: Tensor,
     wv: Tensor,
+    qpos: Tensor | None,
     q: Tensor,
     k: Tensor,
     idx: Tensor,
@@ -428,7 +431,8 @@ def _attend_projected_forward(
     qscale: float,
 ) -> Tensor:
     """Forward of :func:`attend_projected`, one block of whole samples at a time: v is
-    projected here (after the search, never whole), q and k are the search's."""
+    projected here (after the search, never whole), q and k are the search's (``wq``, ``wk``
+    and ``qpos`` are for backward). Also the kernel of ``convnn::attend_projected``."""
     if budget < 0:
         budget = resolve_memory_budget(x.device)
     dtype, xv = q.dtype, x if xv is None else xv
@@ -492,7 +496,8 @@ def _attend_projected_grads(
     """Gradients (x, xv, wq, wk, wv, weight) of :func:`_attend_projected_forward`, one block of
     whole samples at a time: q, k, v are recomputed from the tokens (in ``dtype``, the
     forward's projection dtype), so no full-size q/k/v or gradient of them is ever alive. An
-    empty tensor stands for a gradient that is not needed."""
+    empty tensor stands for a gradient that is not needed. Also the kernel of
+    ``convnn::attend_projected_backward``."""
     (b, nk, cin), (nq, c) = x.shape, (idx.shape[1], wq.shape[0])
     if budget < 0:
         budget = resolve_memory_budget(x.device)
@@ -558,31 +563,13 @@ def _attend_projected_grads(
     )
 
 
-@torch.library.custom_op("convnn::attend_projected", mutates_args=())
-def _attend_projected_op(
-    x: Tensor,
-    xv: Tensor | None,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    qpos: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    idx: Tensor,
-    mask: Tensor | None,
-    weight: Tensor | None,
-    heads: int,
-    metric: str,
-    softmax: bool,
-    mode: str,
-    budget: int,
-    qscale: float,
-) -> Tensor:
-    """:func:`_attend_projected_forward` as a custom op (the compiled path)."""
-    register_flop_formulas()
-    return _attend_projected_forward(
-        x, xv, wv, q, k, idx, mask, weight, heads, metric, softmax, mode, budget, qscale
-    )
+# The compiled path: the same kernels as custom ops (their annotated signatures are the schemas).
+_attend_projected_op = torch.library.custom_op(
+    "convnn::attend_projected", _attend_projected_forward, mutates_args=()
+)
+_attend_projected_backward_op = torch.library.custom_op(
+    "convnn::attend_projected_backward", _attend_projected_grads, mutates_args=()
+)
 
 
 @_attend_projected_op.register_fake
@@ -590,37 +577,6 @@ def _(x, xv, wq, wk, wv, qpos, q, k, idx, mask, weight, heads, metric, softmax, 
     register_flop_formulas()
     o = weight.shape[-1] if mode == "standard" else wv.shape[0] // heads
     return q.new_empty(idx.shape[0], idx.shape[1], o)
-
-
-@torch.library.custom_op("convnn::attend_projected_backward", mutates_args=())
-def _attend_projected_backward_op(
-    grad_out: Tensor,
-    x: Tensor,
-    xv: Tensor | None,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    qpos: Tensor | None,
-    idx: Tensor,
-    mask: Tensor | None,
-    weight: Tensor | None,
-    heads: int,
-    metric: str,
-    softmax: bool,
-    mode: str,
-    budget: int,
-    qscale: float,
-    dtype: torch.dtype,
-    need_x: bool,
-    need_xv: bool,
-    need_w: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_attend_projected_grads` as a custom op (the compiled path)."""
-    register_flop_formulas()
-    return _attend_projected_grads(
-        grad_out, x, xv, wq, wk, wv, qpos, idx, mask, weight, heads, metric, softmax, mode,
-        budget, qscale, dtype, need_x, need_xv, need_w,
-    )  # fmt: skip
 
 
 @_attend_projected_backward_op.register_fake
@@ -662,8 +618,7 @@ class _AttendProjected(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        x, xv, _, _, wv, _, q, k, idx, mask, weight, *rest = args
-        out = _attend_projected_forward(x, xv, wv, q, k, idx, mask, weight, *rest)
+        out = _attend_projected_forward(*args)
         _attend_projected_setup(ctx, args, out)
         return out
 
