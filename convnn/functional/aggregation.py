@@ -279,5 +279,15 @@ def aggregate_neighbors(
     # shared by the forward and backward matmuls; no transposed copy of the whole filter.
     o, c = weight.shape[:2]
     rows = weight.new_empty(o, k, c).copy_(weight.transpose(1, 2)).view(o, k * c)
-    op = _aggregate_op if _use_custom_ops() else _Aggregate.apply
-    return op(values.contiguous(), _cast(idx, torch.long), rows, bias, gates, budget)
+    values, idx = values.contiguous(), _cast(idx, torch.long)
+    if _use_custom_ops():
+        return _aggregate_op(values, idx, rows, bias, gates, budget)
+    if torch.is_grad_enabled() and (
+        values.requires_grad
+        or rows.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (gates is not None and gates.requires_grad)
+    ):
+        return _Aggregate.apply(values, idx, rows, bias, gates, budget)
+    # no gradient: the same kernel without the autograd.Function's call overhead
+    return _aggregate_forward(values, idx, rows, bias, gates, budget)
