@@ -153,10 +153,11 @@ class _Plan(NamedTuple):
     m: int  # candidate keys
     columns: int  # score columns searched (m, or m + 1 with a spare -inf self column)
     width: int  # score columns allocated: a whole number of blocks
-    self_cols: Tensor  # (1, nq, 1) each query's self column among the scores
+    self_cols: Tensor  # (1, nq, j) each query's self column (then, folded, columns m..width-1)
     self_first: Tensor  # (nq, 1) each query's own key index, slot 0 with include_self
     key_rows: Tensor | None  # (width,) key rows to score (padded columns: any valid row)
     cand_cols: Tensor | None  # (width,) key index of each score column (-1 past m)
+    fill: bool  # the columns past m need a -inf fill (False: ``self_cols`` covers them)
 
 
 def _make_plan(
@@ -191,7 +192,18 @@ def _make_plan(
         query_positions.view(-1, 1),
         key_rows,
         cand_cols,
+        width > m,
     )
+
+
+def _fold_fill(plan: _Plan) -> _Plan:
+    """``plan`` with the -inf columns past m added to ``self_cols``: the self column's scatter
+    then sets them too, two ops (a slice and a fill) fewer per call. Done for a reused plan of
+    an include_self search, once (rebuilding it per call would cost more than it saves)."""
+    nq, m, width = plan.self_cols.shape[1], plan.m, plan.width
+    extra = _arange(m, width, device=plan.self_cols.device).view(1, 1, -1)
+    self_cols = torch.cat([plan.self_cols, extra.expand(1, nq, -1)], dim=2)
+    return plan._replace(self_cols=self_cols, fill=False)
 
 
 def _padded_rows(m: int, width: int, device: torch.device) -> Tensor:
@@ -235,6 +247,8 @@ def _search_plan(
             plans.clear()
         plan = _make_plan(candidates, query_positions, nk, k_sel, include_self)
         entry = plans[key] = (query_positions, plan)
+    elif include_self and entry[1].fill:  # reused: a constant candidate set
+        entry = plans[key] = (query_positions, _fold_fill(entry[1]))
     return entry[1]
 
 
@@ -268,7 +282,7 @@ def _knn_search_blocked(
     if include_self and K == 1:
         return query_positions.view(1, nq, 1).expand(b, nq, 1).clone()
     plan = _search_plan(candidates, query_positions, nk, k_sel, include_self)
-    m, width = plan.m, plan.width
+    m = plan.m
     blocks = _chunks(b, nq, _search_bytes_per_query(plan.columns, k_sel), budget)
     out = None  # not needed when one block's selection is the result
     if include_self or plan.cand_cols is not None or len(blocks) > 1:
@@ -299,7 +313,7 @@ def _knn_search_blocked(
             if bias is not None:
                 rows = slice(0, 1) if bias.shape[0] == 1 else slice(b0, b1)
                 scores[..., :m] += bias[rows, q0:q1]
-            if width > m:
+            if plan.fill:
                 scores[:, :, m:].fill_(neg_inf)
             self_cols = None
             if include_self:

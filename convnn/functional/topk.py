@@ -167,9 +167,9 @@ def _ordered_topk(scores: Tensor, k: int, *, self_cols: Tensor | None = None) ->
     """Indices of the k largest entries along the last dim, ordered by (score desc, index asc).
 
     Exact and sync-free (:func:`_exact_topk`). NaN ranks below every finite score; ``self_cols``
-    (a (1, Nq, 1) column per query row) rank below that (-inf). ``scores`` is overwritten.
+    ((1, Nq, j): j columns per query row) rank below that (-inf). ``scores`` is overwritten.
     """
     scores.nan_to_num_(nan=torch.finfo(scores.dtype).min, posinf=math.inf, neginf=-math.inf)
     if self_cols is not None:
-        scores.scatter_(2, self_cols.expand(scores.shape[0], -1, 1), -math.inf)
+        scores.scatter_(2, self_cols.expand(scores.shape[0], -1, -1), -math.inf)
     return _exact_topk(scores, k)
