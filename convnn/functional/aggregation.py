@@ -221,21 +221,35 @@ def _aggregate_backward(ctx, grad_out, kernel=_aggregate_backward_op):
 _aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
 
 
+def _rank_major(weight: Tensor) -> Tensor:
+    """(O, C, K) -> rank-major (O, K·C): one cheap copy per call, shared by the forward and
+    backward matmuls; no transposed copy of the whole filter."""
+    o, c, k = weight.shape
+    return weight.new_empty(o, k, c).copy_(weight.transpose(1, 2)).view(o, k * c)
+
+
 class _Aggregate(torch.autograd.Function):
     """The eager path: the custom op's kernels and autograd formula without its dispatch.
 
-    ``forward`` takes ``ctx`` (no separate ``setup_context``): ``Function.apply`` then skips
-    the ``inspect.signature`` binding it does per call for the other style."""
+    Takes the (O, C, K) filter and makes the rank-major copy inside, so the copy adds no
+    autograd nodes (its backward is a view of the filter gradient). ``forward`` takes ``ctx``
+    (no separate ``setup_context``): ``Function.apply`` then skips the ``inspect.signature``
+    binding it does per call for the other style."""
 
     @staticmethod
     def forward(ctx, values, idx, weight, bias, gates, budget):
-        out = _aggregate_forward(values, idx, weight, bias, gates, budget)
-        _aggregate_setup(ctx, (values, idx, weight, bias, gates, budget), out)
+        rows = _rank_major(weight)
+        out = _aggregate_forward(values, idx, rows, bias, gates, budget)
+        _aggregate_setup(ctx, (values, idx, rows, bias, gates, budget), out)
+        ctx.k = idx.shape[2]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _aggregate_backward(ctx, grad_out, _aggregate_grads)
+        grad_v, _, grad_w, *rest = _aggregate_backward(ctx, grad_out, _aggregate_grads)
+        if grad_w is not None:  # (O, K·C) -> the (O, C, K) filter's layout, a view
+            grad_w = grad_w.view(grad_w.shape[0], ctx.k, -1).transpose(1, 2)
+        return grad_v, None, grad_w, *rest
 
 
 def aggregate_neighbors(
@@ -275,19 +289,15 @@ def aggregate_neighbors(
         values, weight = values.to(low), weight.to(low)
         bias = None if bias is None else bias.to(low)
         gates = None if gates is None else gates.to(low)
-    # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
-    # shared by the forward and backward matmuls; no transposed copy of the whole filter.
-    o, c = weight.shape[:2]
-    rows = weight.new_empty(o, k, c).copy_(weight.transpose(1, 2)).view(o, k * c)
     values, idx = values.contiguous(), _cast(idx, torch.long)
     if _use_custom_ops():
-        return _aggregate_op(values, idx, rows, bias, gates, budget)
+        return _aggregate_op(values, idx, _rank_major(weight), bias, gates, budget)
     if torch.is_grad_enabled() and (
         values.requires_grad
-        or rows.requires_grad
+        or weight.requires_grad
         or (bias is not None and bias.requires_grad)
         or (gates is not None and gates.requires_grad)
     ):
-        return _Aggregate.apply(values, idx, rows, bias, gates, budget)
+        return _Aggregate.apply(values, idx, weight, bias, gates, budget)
     # no gradient: the same kernel without the autograd.Function's call overhead
-    return _aggregate_forward(values, idx, rows, bias, gates, budget)
+    return _aggregate_forward(values, idx, _rank_major(weight), bias, gates, budget)
