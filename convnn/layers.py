@@ -396,12 +396,21 @@ def _interior(t: Tensor, p: int, padded: tuple[int, ...]) -> Tensor:
     if torch.compiler.is_compiling():  # dynamo cannot trace storage_offset(): plain views
         grid = t.view(b, *padded, c)
         return (grid[:, p:-p] if len(padded) == 1 else grid[:, p:-p, p:-p]).movedim(-1, 1)
+    shape, strides, offset = _interior_layout(b, c, p, padded, t.stride(0))
+    return t.as_strided(shape, strides, t.storage_offset() + offset)
+
+
+@functools.lru_cache(maxsize=256)
+def _interior_layout(
+    b: int, c: int, p: int, padded: tuple[int, ...], batch_stride: int
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Shape, strides and storage offset of :func:`_interior`'s view (plain Python, cached)."""
     spatial = [c]  # strides of the padded spatial dims, last first
     for n in reversed(padded[1:]):
         spatial.insert(0, spatial[0] * n)
     offset = p * sum(spatial)  # the token at (p, p, ...)
     shape = (b, c, *(n - 2 * p for n in padded))
-    return t.as_strided(shape, (t.stride(0), 1, *spatial), t.storage_offset() + offset)
+    return shape, (batch_stride, 1, *spatial), offset
 
 
 def _pad_channels_last(x: Tensor, p: int) -> Tensor:

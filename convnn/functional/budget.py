@@ -227,6 +227,9 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one shared instance
+
+
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device``; a no-op on ``meta`` (no autocast there: shape-only runs,
     such as the check that a step creates no host tensor, go through the same code) and, in
@@ -234,5 +237,5 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "meta" or (
         not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device.type)
     ):
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
     return torch.autocast(device_type=device.type, enabled=False)
