@@ -63,7 +63,6 @@ def _check_search_args(
         )
 
 
-@torch.no_grad()
 def knn_search(
     queries: Tensor | None,
     keys: Tensor,
@@ -132,18 +131,11 @@ def knn_search(
     if search is _knn_search_op:  # the op takes no autograd inputs; eager runs under no_grad
         queries = None if queries is None else queries.detach()
         keys = keys.detach()
-    return search(
-        queries,
-        keys,
-        K,
-        mt,
-        candidates,
-        query_positions,
-        include_self,
-        budget,
-        shared,
-        score_bias,
-    )
+    args = (queries, keys, K, mt, candidates, query_positions, include_self, budget, shared)
+    if not torch.is_grad_enabled():  # already off: no no_grad context to enter (a few µs)
+        return search(*args, score_bias)
+    with torch.no_grad():  # the selection is never differentiated
+        return search(*args, score_bias)
 
 
 class _Plan(NamedTuple):
