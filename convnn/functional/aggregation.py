@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -44,10 +46,14 @@ def gather_neighbors(values: Tensor, idx: Tensor) -> Tensor:
     return flat.view(b, nq, k, c)
 
 
-def _agg_chunks(b: int, nq: int, k: int, c: int, o: int, element_size: int, budget: int):
-    """Work blocks for aggregation: the gathered block, its gradient and a gated copy fit."""
+@functools.lru_cache(maxsize=1024)
+def _agg_chunks(
+    b: int, nq: int, k: int, c: int, o: int, element_size: int, budget: int
+) -> tuple[tuple[int, int, int, int], ...]:
+    """Work blocks for aggregation: the gathered block, its gradient and a gated copy fit
+    (cached per shape and budget: plain Python, but on every forward and backward)."""
     per_query = (k * c * _AGG_BYTES_FACTOR + o) * element_size
-    return _chunks(b, nq, per_query, budget)
+    return tuple(_chunks(b, nq, per_query, budget))
 
 
 def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
