@@ -83,13 +83,15 @@ def _aggregate_forward(
     src = values.view(b * nk, c)
     # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
     out = values.new_empty(b, o, nq)
-    for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
+    blocks = _agg_chunks(b, nq, k, c, o, values.element_size(), budget)
+    for b0, b1, q0, q1 in blocks:
         g = src.index_select(0, _block_index(idx, nk, b0, b1, q0, q1)).view(-1, k, c)
         if gates is not None:
             g.mul_(_cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), g.dtype))
         g = g.view(-1, k * c)
         res = g @ w2 if b2 is None else torch.addmm(b2, g, w2)
-        out[b0:b1, :, q0:q1] = res.view(b1 - b0, q1 - q0, o).transpose(1, 2)
+        dst = out if len(blocks) == 1 else out[b0:b1, :, q0:q1]
+        dst.copy_(res.view(b1 - b0, q1 - q0, o).transpose(1, 2))
     return out.transpose(1, 2)
 
 
