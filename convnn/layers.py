@@ -264,8 +264,11 @@ class ConvNNBase(nn.Module):
         p = self.padding
         padded = tuple(n + 2 * p for n in shape)
         # channels-last once: shared by the search and the gather (no further copies)
-        if p:  # zero padding written straight into the channels-last buffer (fewer ops)
+        if p and torch.is_grad_enabled() and x.requires_grad:
+            # zero padding written straight into the channels-last buffer (fewer ops)
             feats = _PadChannelsLast.apply(x, p)  # (B, Np, C')
+        elif p:  # no gradient: the same kernel without the autograd.Function's call overhead
+            feats = _pad_channels_last(x, p)
         else:
             feats = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C')
         coords = None
@@ -396,26 +399,40 @@ def _interior(t: Tensor, p: int, padded: tuple[int, ...]) -> Tensor:
     if torch.compiler.is_compiling():  # dynamo cannot trace storage_offset(): plain views
         grid = t.view(b, *padded, c)
         return (grid[:, p:-p] if len(padded) == 1 else grid[:, p:-p, p:-p]).movedim(-1, 1)
+    shape, strides, offset = _interior_layout(b, c, p, padded, t.stride(0))
+    return t.as_strided(shape, strides, t.storage_offset() + offset)
+
+
+@functools.lru_cache(maxsize=256)
+def _interior_layout(
+    b: int, c: int, p: int, padded: tuple[int, ...], batch_stride: int
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Shape, strides and storage offset of :func:`_interior`'s view (plain Python, cached)."""
     spatial = [c]  # strides of the padded spatial dims, last first
     for n in reversed(padded[1:]):
         spatial.insert(0, spatial[0] * n)
     offset = p * sum(spatial)  # the token at (p, p, ...)
     shape = (b, c, *(n - 2 * p for n in padded))
-    return t.as_strided(shape, (t.stride(0), 1, *spatial), t.storage_offset() + offset)
+    return shape, (batch_stride, 1, *spatial), offset
+
+
+def _pad_channels_last(x: Tensor, p: int) -> Tensor:
+    """(B, C, *shape) -> zero-padded channels-last tokens (B, Np, C): one buffer, one copy."""
+    b, c = x.shape[:2]
+    padded = tuple(n + 2 * p for n in x.shape[2:])
+    feats = torch.zeros(b, math.prod(padded), c, dtype=x.dtype, device=x.device)
+    _interior(feats, p, padded).copy_(x)
+    return feats
 
 
 class _PadChannelsLast(torch.autograd.Function):
-    """(B, C, *shape) -> zero-padded channels-last tokens (B, Np, C): one buffer and one copy
-    forward; backward is a view of the incoming gradient's interior (no autograd copy nodes)."""
+    """:func:`_pad_channels_last` with a backward that is a view of the incoming gradient's
+    interior (no autograd copy nodes)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, p: int) -> Tensor:
-        b, c = x.shape[:2]
-        padded = tuple(n + 2 * p for n in x.shape[2:])
-        feats = torch.zeros(b, math.prod(padded), c, dtype=x.dtype, device=x.device)
-        _interior(feats, p, padded).copy_(x)
-        ctx.p, ctx.padded = p, padded
-        return feats
+        ctx.p, ctx.padded = p, tuple(n + 2 * p for n in x.shape[2:])
+        return _pad_channels_last(x, p)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

@@ -153,6 +153,8 @@ class CandidateSampler:
         ``K`` is given it is checked against the tokens/candidates of this call (errors name the
         shapes). A ``spatial`` grid is shared between calls: do not modify it in place.
         """
+        if self.sampling_type == "all" and _all_fit(spatial_shape, padding, K, include_self):
+            return None  # every token, K checked already for this shape
         shape = tuple(int(s) for s in spatial_shape)
         padded = tuple(s + 2 * padding for s in shape)
         n_tokens = 1
@@ -206,6 +208,27 @@ class CandidateSampler:
             rows, cols = axes
             return device_indices(tuple(r * padded[1] + c for r in rows for c in cols), device)
         return None
+
+
+def _all_fit(
+    spatial_shape: tuple[int, ...], padding: int, K: int | None, include_self: bool
+) -> bool:
+    """Whether ``all`` sampling passes :meth:`CandidateSampler.candidates`' K check for this
+    shape: a cached answer in eager mode (``False`` sends the call through the full check,
+    which raises the error)."""
+    if K is None:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return _cached_all_fit(tuple(spatial_shape), padding, K, include_self)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_all_fit(shape: tuple[int, ...], padding: int, K: int, include_self: bool) -> bool:
+    n_tokens = 1
+    for s in shape:
+        n_tokens *= int(s) + 2 * padding
+    return (K - 1 if include_self else K) <= (n_tokens - 1 if include_self else n_tokens)
 
 
 def device_indices(flat: tuple[int, ...], device: torch.device | str | None) -> Tensor:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -44,10 +46,14 @@ def gather_neighbors(values: Tensor, idx: Tensor) -> Tensor:
     return flat.view(b, nq, k, c)
 
 
-def _agg_chunks(b: int, nq: int, k: int, c: int, o: int, element_size: int, budget: int):
-    """Work blocks for aggregation: the gathered block, its gradient and a gated copy fit."""
+@functools.lru_cache(maxsize=1024)
+def _agg_chunks(
+    b: int, nq: int, k: int, c: int, o: int, element_size: int, budget: int
+) -> tuple[tuple[int, int, int, int], ...]:
+    """Work blocks for aggregation: the gathered block, its gradient and a gated copy fit
+    (cached per shape and budget: plain Python, but on every forward and backward)."""
     per_query = (k * c * _AGG_BYTES_FACTOR + o) * element_size
-    return _chunks(b, nq, per_query, budget)
+    return tuple(_chunks(b, nq, per_query, budget))
 
 
 def _block_index(idx: Tensor, nk: int, b0: int, b1: int, q0: int, q1: int) -> Tensor:
@@ -77,13 +83,15 @@ def _aggregate_forward(
     src = values.view(b * nk, c)
     # channels-first buffer returned as a (B, Nq, O) view: layers reshape it for free
     out = values.new_empty(b, o, nq)
-    for b0, b1, q0, q1 in _agg_chunks(b, nq, k, c, o, values.element_size(), budget):
+    blocks = _agg_chunks(b, nq, k, c, o, values.element_size(), budget)
+    for b0, b1, q0, q1 in blocks:
         g = src.index_select(0, _block_index(idx, nk, b0, b1, q0, q1)).view(-1, k, c)
         if gates is not None:
             g.mul_(_cast(gates[b0:b1, q0:q1].reshape(-1, k, 1), g.dtype))
         g = g.view(-1, k * c)
         res = g @ w2 if b2 is None else torch.addmm(b2, g, w2)
-        out[b0:b1, :, q0:q1] = res.view(b1 - b0, q1 - q0, o).transpose(1, 2)
+        dst = out if len(blocks) == 1 else out[b0:b1, :, q0:q1]
+        dst.copy_(res.view(b1 - b0, q1 - q0, o).transpose(1, 2))
     return out.transpose(1, 2)
 
 
@@ -221,21 +229,35 @@ def _aggregate_backward(ctx, grad_out, kernel=_aggregate_backward_op):
 _aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
 
 
+def _rank_major(weight: Tensor) -> Tensor:
+    """(O, C, K) -> rank-major (O, K·C): one cheap copy per call, shared by the forward and
+    backward matmuls; no transposed copy of the whole filter."""
+    o, c, k = weight.shape
+    return weight.new_empty(o, k, c).copy_(weight.transpose(1, 2)).view(o, k * c)
+
+
 class _Aggregate(torch.autograd.Function):
     """The eager path: the custom op's kernels and autograd formula without its dispatch.
 
-    ``forward`` takes ``ctx`` (no separate ``setup_context``): ``Function.apply`` then skips
-    the ``inspect.signature`` binding it does per call for the other style."""
+    Takes the (O, C, K) filter and makes the rank-major copy inside, so the copy adds no
+    autograd nodes (its backward is a view of the filter gradient). ``forward`` takes ``ctx``
+    (no separate ``setup_context``): ``Function.apply`` then skips the ``inspect.signature``
+    binding it does per call for the other style."""
 
     @staticmethod
     def forward(ctx, values, idx, weight, bias, gates, budget):
-        out = _aggregate_forward(values, idx, weight, bias, gates, budget)
-        _aggregate_setup(ctx, (values, idx, weight, bias, gates, budget), out)
+        rows = _rank_major(weight)
+        out = _aggregate_forward(values, idx, rows, bias, gates, budget)
+        _aggregate_setup(ctx, (values, idx, rows, bias, gates, budget), out)
+        ctx.k = idx.shape[2]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _aggregate_backward(ctx, grad_out, _aggregate_grads)
+        grad_v, _, grad_w, *rest = _aggregate_backward(ctx, grad_out, _aggregate_grads)
+        if grad_w is not None:  # (O, K·C) -> the (O, C, K) filter's layout, a view
+            grad_w = grad_w.view(grad_w.shape[0], ctx.k, -1).transpose(1, 2)
+        return grad_v, None, grad_w, *rest
 
 
 def aggregate_neighbors(
@@ -275,9 +297,15 @@ def aggregate_neighbors(
         values, weight = values.to(low), weight.to(low)
         bias = None if bias is None else bias.to(low)
         gates = None if gates is None else gates.to(low)
-    # (O, C, K) -> rank-major (O, K·C): one cheap copy per call (its backward is another),
-    # shared by the forward and backward matmuls; no transposed copy of the whole filter.
-    o, c = weight.shape[:2]
-    rows = weight.new_empty(o, k, c).copy_(weight.transpose(1, 2)).view(o, k * c)
-    op = _aggregate_op if _use_custom_ops() else _Aggregate.apply
-    return op(values.contiguous(), _cast(idx, torch.long), rows, bias, gates, budget)
+    values, idx = values.contiguous(), _cast(idx, torch.long)
+    if _use_custom_ops():
+        return _aggregate_op(values, idx, _rank_major(weight), bias, gates, budget)
+    if torch.is_grad_enabled() and (
+        values.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (gates is not None and gates.requires_grad)
+    ):
+        return _Aggregate.apply(values, idx, weight, bias, gates, budget)
+    # no gradient: the same kernel without the autograd.Function's call overhead
+    return _aggregate_forward(values, idx, _rank_major(weight), bias, gates, budget)

@@ -227,12 +227,21 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one shared instance
+
+
+def _autocast_to_disable(device: torch.device) -> bool:
+    """Whether :func:`_no_autocast` enters ``torch.autocast(enabled=False)`` on ``device``
+    (callers on a hot path test this and skip the ``with`` statement altogether)."""
+    return device.type != "meta" and (
+        torch.compiler.is_compiling() or torch.is_autocast_enabled(device.type)
+    )
+
+
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device``; a no-op on ``meta`` (no autocast there: shape-only runs,
     such as the check that a step creates no host tensor, go through the same code) and, in
     eager mode, where autocast is off already (entering ``torch.autocast`` costs a few µs)."""
-    if device.type == "meta" or (
-        not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device.type)
-    ):
-        return contextlib.nullcontext()
+    if not _autocast_to_disable(device):
+        return _NO_CONTEXT
     return torch.autocast(device_type=device.type, enabled=False)

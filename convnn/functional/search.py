@@ -13,10 +13,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from convnn.functional.budget import (
     _arange,
+    _autocast_to_disable,
     _check_btd,
     _chunks,
     _const,
-    _no_autocast,
     _op_budget,
     _prepare,
     _scores_prepared,
@@ -63,7 +63,6 @@ def _check_search_args(
         )
 
 
-@torch.no_grad()
 def knn_search(
     queries: Tensor | None,
     keys: Tensor,
@@ -132,18 +131,11 @@ def knn_search(
     if search is _knn_search_op:  # the op takes no autograd inputs; eager runs under no_grad
         queries = None if queries is None else queries.detach()
         keys = keys.detach()
-    return search(
-        queries,
-        keys,
-        K,
-        mt,
-        candidates,
-        query_positions,
-        include_self,
-        budget,
-        shared,
-        score_bias,
-    )
+    args = (queries, keys, K, mt, candidates, query_positions, include_self, budget, shared)
+    if not torch.is_grad_enabled():  # already off: no no_grad context to enter (a few µs)
+        return search(*args, score_bias)
+    with torch.no_grad():  # the selection is never differentiated
+        return search(*args, score_bias)
 
 
 class _Plan(NamedTuple):
@@ -153,10 +145,11 @@ class _Plan(NamedTuple):
     m: int  # candidate keys
     columns: int  # score columns searched (m, or m + 1 with a spare -inf self column)
     width: int  # score columns allocated: a whole number of blocks
-    self_cols: Tensor  # (1, nq, 1) each query's self column among the scores
+    self_cols: Tensor  # (1, nq, j) each query's self column (then, folded, columns m..width-1)
     self_first: Tensor  # (nq, 1) each query's own key index, slot 0 with include_self
     key_rows: Tensor | None  # (width,) key rows to score (padded columns: any valid row)
     cand_cols: Tensor | None  # (width,) key index of each score column (-1 past m)
+    fill: bool  # the columns past m need a -inf fill (False: ``self_cols`` covers them)
 
 
 def _make_plan(
@@ -191,7 +184,18 @@ def _make_plan(
         query_positions.view(-1, 1),
         key_rows,
         cand_cols,
+        width > m,
     )
+
+
+def _fold_fill(plan: _Plan) -> _Plan:
+    """``plan`` with the -inf columns past m added to ``self_cols``: the self column's scatter
+    then sets them too, two ops (a slice and a fill) fewer per call. Done for a reused plan of
+    an include_self search, once (rebuilding it per call would cost more than it saves)."""
+    nq, m, width = plan.self_cols.shape[1], plan.m, plan.width
+    extra = _arange(m, width, device=plan.self_cols.device).view(1, 1, -1)
+    self_cols = torch.cat([plan.self_cols, extra.expand(1, nq, -1)], dim=2)
+    return plan._replace(self_cols=self_cols, fill=False)
 
 
 def _padded_rows(m: int, width: int, device: torch.device) -> Tensor:
@@ -235,6 +239,8 @@ def _search_plan(
             plans.clear()
         plan = _make_plan(candidates, query_positions, nk, k_sel, include_self)
         entry = plans[key] = (query_positions, plan)
+    elif include_self and entry[1].fill:  # reused: a constant candidate set
+        entry = plans[key] = (query_positions, _fold_fill(entry[1]))
     return entry[1]
 
 
@@ -268,51 +274,79 @@ def _knn_search_blocked(
     if include_self and K == 1:
         return query_positions.view(1, nq, 1).expand(b, nq, 1).clone()
     plan = _search_plan(candidates, query_positions, nk, k_sel, include_self)
-    m, width = plan.m, plan.width
-    blocks = _chunks(b, nq, _search_bytes_per_query(plan.columns, k_sel), budget)
+    blocks = _search_blocks(b, nq, plan.columns, k_sel, budget)
     out = None  # not needed when one block's selection is the result
     if include_self or plan.cand_cols is not None or len(blocks) > 1:
         out = torch.empty(b, nq, K, dtype=torch.long, device=device)
         if include_self:
             out[:, :, :1].copy_(plan.self_first)
-    with _no_autocast(device):
-        kp = _prepare(keys, mt, is_query=False)
-        if queries is None and mt != "matmul":  # rows of the prepared keys (row-wise prep)
-            qp = kp.index_select(1, query_positions)
-        elif queries is None:
-            qp = _prepare(keys.index_select(1, query_positions), mt, is_query=True)
+    args = (queries, keys, mt, query_positions, include_self, shared, score_bias, plan, blocks)
+    if _autocast_to_disable(device):
+        with torch.autocast(device_type=device.type, enabled=False):
+            return _search_scores(*args, k_sel, out)
+    return _search_scores(*args, k_sel, out)  # no context to enter (a few µs per call)
+
+
+@functools.lru_cache(maxsize=1024)
+def _search_blocks(
+    b: int, nq: int, columns: int, k_sel: int, budget: int
+) -> tuple[tuple[int, int, int, int], ...]:
+    """The search's work blocks (:func:`_chunks`), cached per shape and budget."""
+    return tuple(_chunks(b, nq, _search_bytes_per_query(columns, k_sel), budget))
+
+
+def _search_scores(
+    queries: Tensor | None,
+    keys: Tensor,
+    mt: str,
+    query_positions: Tensor,
+    include_self: bool,
+    shared: bool,
+    score_bias: Tensor | None,
+    plan: _Plan,
+    blocks: tuple[tuple[int, int, int, int], ...],
+    k_sel: int,
+    out: Tensor | None,
+) -> Tensor:
+    """Scores and selection of :func:`_knn_search_blocked`, block by block, with autocast off:
+    written into ``out`` (the self slot already set), or returned when ``out`` is ``None``."""
+    m, device = plan.m, keys.device
+    kp = _prepare(keys, mt, is_query=False)
+    if queries is None and mt != "matmul":  # rows of the prepared keys (row-wise prep)
+        qp = kp.index_select(1, query_positions)
+    elif queries is None:
+        qp = _prepare(keys.index_select(1, query_positions), mt, is_query=True)
+    else:
+        qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
+    if plan.key_rows is not None:
+        kp = kp.index_select(1, plan.key_rows)
+    bias = None
+    if score_bias is not None:
+        bias = score_bias.to(device=device, dtype=qp.dtype)
+        bias = bias.unsqueeze(0) if bias.dim() == 2 else bias
+        if plan.candidates is not None:
+            bias = bias[..., plan.candidates]
+    whole = len(blocks) == 1  # one block: no slicing
+    for b0, b1, q0, q1 in blocks:
+        qb, kb = (qp, kp) if whole else (qp[b0:b1, q0:q1], kp[b0:b1])
+        scores = _scores_prepared(qb, kb, mt)
+        if bias is not None:
+            rows = slice(0, 1) if bias.shape[0] == 1 else slice(b0, b1)
+            scores[..., :m] += bias[rows, q0:q1]
+        if plan.fill:
+            scores[:, :, m:].fill_(_const(-math.inf, qp.dtype, device))
+        self_cols = None
+        if include_self:
+            self_cols = plan.self_cols if whole else plan.self_cols[:, q0:q1]
+        sel = _ordered_topk(scores, k_sel, self_cols=self_cols)
+        if out is None:
+            return sel
+        dst = out if whole else out[b0:b1, q0:q1]
+        dst = dst[:, :, 1:] if include_self else dst
+        if plan.cand_cols is None:
+            dst.copy_(sel)
         else:
-            qp = kp if shared and mt != "matmul" else _prepare(queries, mt, is_query=True)
-        if plan.key_rows is not None:
-            kp = kp.index_select(1, plan.key_rows)
-        bias = None
-        if score_bias is not None:
-            bias = score_bias.to(device=device, dtype=qp.dtype)
-            bias = bias.unsqueeze(0) if bias.dim() == 2 else bias
-            if plan.candidates is not None:
-                bias = bias[..., plan.candidates]
-        neg_inf = _const(-math.inf, qp.dtype, device)
-        for b0, b1, q0, q1 in blocks:
-            whole = len(blocks) == 1  # one block: no slicing
-            qb, kb = (qp, kp) if whole else (qp[b0:b1, q0:q1], kp[b0:b1])
-            scores = _scores_prepared(qb, kb, mt)
-            if bias is not None:
-                rows = slice(0, 1) if bias.shape[0] == 1 else slice(b0, b1)
-                scores[..., :m] += bias[rows, q0:q1]
-            if width > m:
-                scores[:, :, m:].fill_(neg_inf)
-            self_cols = None
-            if include_self:
-                self_cols = plan.self_cols if whole else plan.self_cols[:, q0:q1]
-            sel = _ordered_topk(scores, k_sel, self_cols=self_cols)
-            if out is None:
-                return sel
-            dst = out if whole else out[b0:b1, q0:q1]
-            dst = dst[:, :, 1:] if include_self else dst
-            if plan.cand_cols is None:
-                dst.copy_(sel)
-            else:
-                torch.take(plan.cand_cols, sel, out=dst)
+            torch.take(plan.cand_cols, sel, out=dst)
     return out
 
 

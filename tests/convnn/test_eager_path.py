@@ -121,16 +121,19 @@ print(len(set(sys.modules) - before))
 
 
 def _aten_events(layer: nn.Module, x: torch.Tensor) -> int:
-    """All ``aten::`` profiler events of one forward + backward (nested ones and views too)."""
+    """All ``aten::`` profiler events of one forward + backward (nested ones and views too),
+    after one warm-up step (one-off work such as building a cached search plan is left out)."""
     grad = torch.randn_like(layer(x))
+    layer(x).backward(grad)
+    layer(x).backward(grad)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         layer(x).backward(grad)
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
-# measured 200 and 520 events here (197 and 531 at B = 8, C = 64, as in docs/performance.md);
-# the ceilings leave a few for harmless variation
-@pytest.mark.parametrize(("cls", "ceiling"), [(Conv2dNN, 204), (Conv2dNNAttention, 526)])
+# measured 187 and 513 events here after the warm-up step; the ceilings leave a few for
+# harmless variation
+@pytest.mark.parametrize(("cls", "ceiling"), [(Conv2dNN, 192), (Conv2dNNAttention, 518)])
 def test_ops_per_training_step_do_not_grow(
     cls: type[nn.Module], ceiling: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -142,6 +142,28 @@ def test_cached_search_plan_follows_in_place_changes_of_the_candidates() -> None
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_reused_search_plan_gives_the_same_neighbours(metric: str) -> None:
+    """Catches a reused plan (its -inf columns past the candidates folded into the self
+    column's scatter) selecting differently from the first call or a dense search, in one
+    block or many, with every query's self among the candidates or not."""
+    torch.manual_seed(7)
+    keys = torch.randn(2, 320, 4)
+    keys[:, 5:40] = 0.0  # ties
+    qpos = torch.arange(0, 320, 2)
+    scores = pairwise_scores(keys[:, qpos], keys, metric)
+    # 160 candidates: one score column per candidate + 1, padded to blocks of 32 for K = 3;
+    # 9 candidates: no blocks, one spare column
+    for cand, k in ((torch.arange(0, 320, 2), 3), (torch.arange(0, 320, 2) + 1, 3),
+                    (torch.arange(3, 30, 3), 4)):  # fmt: skip
+        ref = _stable_knn(scores, k, True, qpos, cand)
+        for budget in (2**30, 2**30, 3000, 2**30):
+            got = knn_search(
+                None, keys, k, metric, candidates=cand, query_positions=qpos, memory_budget=budget
+            )
+            assert torch.equal(got, ref), (cand.numel(), budget)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_blocked_search_identical_to_dense(metric: str) -> None:
     torch.manual_seed(4)
     x = torch.randn(4, 60, 6)
