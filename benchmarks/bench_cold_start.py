@@ -12,12 +12,15 @@ Writes ``cold_start.md`` and ``cold_start.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,13 +73,25 @@ def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def _run(kind: str, calls: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _run(kind: str, calls: int, root: Path = ROOT) -> dict:
+    """One fresh process measuring ``kind`` with the ``convnn`` of the tree at ``root``."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, kind, str(calls)],
-        capture_output=True, text=True, check=True, env=env, cwd=ROOT,
+        capture_output=True, text=True, check=True, env=env, cwd=root,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _export(rev: str) -> Path:
+    """The tree of git revision ``rev`` in a temporary folder (``git archive``)."""
+    dest = Path(tempfile.mkdtemp(prefix="cold_start_"))
+    data = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="processes per layer")
     parser.add_argument("--calls", type=int, default=300, help="timed calls per process")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="REV",
+        help="also measure the tiny Conv2dNN of git revision REV, interleaved (a baseline row)",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,10 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     """Run the processes (layers interleaved, so load drifts hit each alike) and write results."""
     args = parse_args(argv)
     load_before, started = _load(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    runs: dict[str, list[dict]] = {k: [] for k in LAYERS}
+    trees = {kind: (kind, ROOT) for kind in LAYERS}
+    if args.against:
+        trees[f"convnn at {args.against}"] = ("convnn", _export(args.against))
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
     for _ in range(args.repeats):
-        for kind in LAYERS:
-            runs[kind].append(_run(kind, args.calls))
+        for name, (kind, root) in trees.items():
+            runs[name].append(_run(kind, args.calls, root))
     load_after = _load()
     med = {
         k: {m: statistics.median(r[m] for r in v) for m in ("first_s", "rss_mib", "modules")}
@@ -110,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Cold start and per-call cost of a tiny layer",
         "",
         f"- command: `python benchmarks/bench_cold_start.py --repeats {args.repeats} "
-        f"--calls {args.calls}`",
+        f"--calls {args.calls}" + (f" --against {args.against}" if args.against else "") + "`",
         f"- date: {started}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}; 1 thread per process",
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after} "
