@@ -10,6 +10,7 @@ grids copied once per grid and device), so a forward never waits on a host-to-de
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -163,9 +164,8 @@ class CandidateSampler:
         cand = self._draw(shape, padded, padding, n_tokens, training, device)
         if K is not None:
             m = n_tokens if cand is None else cand.numel()
-            need = K - 1 if include_self else K
-            limit = n_tokens - 1 if include_self and cand is None else m
-            if need > limit:
+            limit = _neighbour_limit(n_tokens, None if cand is None else m, include_self)
+            if (K - 1 if include_self else K) > limit:
                 bound = limit + 1 if include_self else limit
                 raise ValueError(
                     f"K={K} is too large for an input map of spatial shape {shape} with "
@@ -225,10 +225,16 @@ def _all_fit(
 
 @functools.lru_cache(maxsize=256)
 def _cached_all_fit(shape: tuple[int, ...], padding: int, K: int, include_self: bool) -> bool:
-    n_tokens = 1
-    for s in shape:
-        n_tokens *= int(s) + 2 * padding
-    return (K - 1 if include_self else K) <= (n_tokens - 1 if include_self else n_tokens)
+    n_tokens = math.prod(int(s) + 2 * padding for s in shape)
+    return (K - 1 if include_self else K) <= _neighbour_limit(n_tokens, None, include_self)
+
+
+def _neighbour_limit(n_tokens: int, m: int | None, include_self: bool) -> int:
+    """How many neighbours besides a forced self (or in all, without one) a query can get
+    from ``m`` sampled candidates, or from all ``n_tokens`` (``None``), its self excluded."""
+    if m is None:
+        return n_tokens - 1 if include_self else n_tokens
+    return m
 
 
 def device_indices(flat: tuple[int, ...], device: torch.device | str | None) -> Tensor:
