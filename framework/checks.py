@@ -616,7 +616,7 @@ def validate(cfg: DictConfig) -> Startup:
     if cfg.init_from is not None:
         init = read_weights_source(str(cfg.init_from), "init_from", trust=trust)
         check_checkpoint(init, net, name, strict=bool(cfg.test_only))
-    log.info("Config checked: %s built and probed on a %s input", net_name(cfg), dims)
+    log.info("Config checked: %s built and probed on a %s input", name, dims)
     return Startup(
         datamodule=datamodule,
         layer=layer,
